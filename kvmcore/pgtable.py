@@ -1,0 +1,506 @@
+"""A generic stage-2 page-table engine, in the manner of arm64's ``kvm_pgtable``.
+
+One geometry drives it; tables are allocated on demand, one numpy row per table, so
+memory grows with what is mapped, not with the IPA space.  There is one walker
+(:meth:`PageTable.walk`, level by level with clamped ``addr_end`` steps) that calls
+visitors on leaf / table-pre / table-post entries, and vectorised counterparts for the
+hot paths (:meth:`PageTable.lookup`, :meth:`PageTable.clear_bits_ranges`).
+
+The engine does no TLB maintenance of its own: it tells its owner (the VM) whenever
+a mapping loses a permission (``on_restrict``), and break-before-make callers pass the
+TLB invalidation they want to pay for (``tlbi``).  An arch plugin that forgets to flush
+therefore leaves stale TLB entries behind, which is what the model is for.
+"""
+
+from collections.abc import Callable
+from typing import Protocol
+
+import attrs
+import numpy as np
+
+from kvmcore.geometry import LAST_LEVEL, Geometry
+
+# Entry bits.  Bits 4..11 are the arch's own software bits (x86's MMU-writable, ...).
+PTE_VALID = 1 << 0
+PTE_TABLE = 1 << 1
+PTE_W = 1 << 2
+PTE_D = 1 << 3
+PTE_SW0 = 1 << 4
+PTE_ADDR_SHIFT = 12
+PTE_PERM_MASK = PTE_VALID | PTE_W | PTE_D
+
+# Walk flags (KVM_PGTABLE_WALK_LEAF / _TABLE_PRE / _TABLE_POST).
+WALK_LEAF = 1 << 0
+WALK_TABLE_PRE = 1 << 1
+WALK_TABLE_POST = 1 << 2
+
+NO_LEVEL = -128
+
+Tlbi = Callable[[int, int], None]
+"""``tlbi(gfn, level)``: invalidate the TLB entry at ``level`` that maps ``gfn``."""
+
+
+class Visitor(Protocol):
+    def __call__(self, ctx: "WalkContext") -> int | None:
+        """Return a new entry value to store, or None to leave the entry as it is."""
+
+
+@attrs.frozen
+class WalkContext:
+    """What a visitor sees: one entry, where it is, and the walk it belongs to."""
+
+    level: int
+    addr: int
+    end: int
+    pte: int
+    flag: int
+    li: int
+    row: int
+    idx: int
+
+    @property
+    def valid(self) -> bool:
+        return bool(self.pte & PTE_VALID)
+
+    @property
+    def is_table(self) -> bool:
+        return bool(self.pte & PTE_VALID and self.pte & PTE_TABLE and self.level < LAST_LEVEL)
+
+
+@attrs.frozen
+class Leaf:
+    """One translation: the leaf that maps a gfn, or ``level == NO_LEVEL`` if none does."""
+
+    level: int
+    pte: int
+    base_gfn: int
+    pages: int
+    li: int
+    row: int
+    idx: int
+
+    @property
+    def valid(self) -> bool:
+        return bool(self.pte & PTE_VALID)
+
+    @property
+    def writable(self) -> bool:
+        return bool(self.pte & PTE_VALID and self.pte & PTE_W)
+
+    @property
+    def dirty(self) -> bool:
+        return bool(self.pte & PTE_D)
+
+
+@attrs.define
+class Leaves:
+    """Vectorised :class:`Leaf`: one element per looked-up gfn.
+
+    ``li``/``row``/``idx`` locate the deepest entry the walk reached (the leaf, or the
+    invalid entry where it stopped), so callers can update entries in place.
+    """
+
+    level: np.ndarray
+    pte: np.ndarray
+    li: np.ndarray
+    row: np.ndarray
+    idx: np.ndarray
+
+    @property
+    def valid(self) -> np.ndarray:
+        return (self.pte & PTE_VALID) != 0
+
+    @property
+    def writable(self) -> np.ndarray:
+        return (self.pte & (PTE_VALID | PTE_W)) == (PTE_VALID | PTE_W)
+
+    @property
+    def dirty(self) -> np.ndarray:
+        return (self.pte & PTE_D) != 0
+
+
+def _pte_leaf(gfn: int, prot: int) -> int:
+    return (gfn << PTE_ADDR_SHIFT) | (prot & ((1 << PTE_ADDR_SHIFT) - 1)) | PTE_VALID
+
+
+class PageTable:
+    """The stage-2 tables of one VM.
+
+    :param geometry: the shape of the tables.
+    :param on_restrict: called with ``(start_gfn, end_gfn)`` whenever a leaf in that
+        range loses VALID, W or D, or is replaced; the VM uses it to know which cached
+        translations a vCPU may no longer trust.
+    :param stats: a counter the engine adds ``page_tables`` and friends to.
+    """
+
+    def __init__(self, geometry: Geometry, on_restrict: Callable[[int, int], None] | None = None,
+                 stats: dict | None = None) -> None:
+        self.geometry = geometry
+        self.on_restrict = on_restrict or (lambda start, end: None)
+        self.stats = stats if stats is not None else {}
+        g = geometry
+        self._levels = list(range(g.start_level, LAST_LEVEL + 1))
+        self._gshift = [g.level_shift(lv) - g.page_shift for lv in self._levels]
+        self._nent = [g.entries(lv) for lv in self._levels]
+        self._tabs = [np.zeros((1 if li == 0 else 16, n), np.uint64) for li, n in enumerate(self._nent)]
+        self._base = [np.zeros(len(t), np.int64) for t in self._tabs]
+        self._nrows = [1] + [0] * (len(self._levels) - 1)
+        self._free: list[list[int]] = [[] for _ in self._levels]
+        self._bump("page_tables", g.concatenated_tables)
+
+    # -- storage -------------------------------------------------------------------
+
+    def _bump(self, key: str, n: int = 1) -> None:
+        self.stats[key] = self.stats.get(key, 0) + n
+
+    @property
+    def nr_tables(self) -> int:
+        """Table pages in use, the concatenated start-level pages included."""
+        return self.geometry.concatenated_tables + sum(
+            self._nrows[li] - len(self._free[li]) for li in range(1, len(self._levels)))
+
+    def _alloc_table(self, li: int, base_gfn: int) -> int:
+        if self._free[li]:
+            row = self._free[li].pop()
+        else:
+            row = self._nrows[li]
+            if row == len(self._tabs[li]):
+                grow = np.zeros((2 * row, self._nent[li]), np.uint64)
+                grow[:row] = self._tabs[li]
+                self._tabs[li] = grow
+                base = np.zeros(2 * row, np.int64)
+                base[:row] = self._base[li]
+                self._base[li] = base
+            self._nrows[li] = row + 1
+        self._tabs[li][row] = 0
+        self._base[li][row] = base_gfn
+        self._bump("page_tables")
+        return row
+
+    def _free_table(self, li: int, row: int) -> None:
+        """Free a table and everything below it."""
+        if li + 1 < len(self._levels):
+            ptes = self._tabs[li][row]
+            children = ptes[(ptes & (PTE_VALID | PTE_TABLE)) == (PTE_VALID | PTE_TABLE)]
+            for child in (children >> PTE_ADDR_SHIFT).astype(np.int64).tolist():
+                self._free_table(li + 1, child)
+        self._tabs[li][row] = 0
+        self._free[li].append(row)
+        self._bump("page_tables", -1)
+
+    def entry_gfn(self, li: int, row: int, idx: int) -> int:
+        """The first gfn the entry at (li, row, idx) maps."""
+        return int(self._base[li][row]) + (idx << self._gshift[li])
+
+    def get_entry(self, li: int, row: int, idx: int) -> int:
+        return int(self._tabs[li][row, idx])
+
+    def set_entry(self, li: int, row: int, idx: int, new: int) -> None:
+        """Store an entry, telling the owner if a translation lost a permission."""
+        tab = self._tabs[li]
+        old = int(tab[row, idx])
+        if old == new:
+            return
+        tab[row, idx] = new
+        if not old & PTE_VALID:
+            return
+        level = self._levels[li]
+        old_table = bool(old & PTE_TABLE) and level < LAST_LEVEL
+        new_table = bool(new & PTE_TABLE) and level < LAST_LEVEL and bool(new & PTE_VALID)
+        same_output = (old >> PTE_ADDR_SHIFT) == (new >> PTE_ADDR_SHIFT) and old_table == new_table
+        lost = old & ~new & PTE_PERM_MASK
+        if not same_output or (not old_table and lost):
+            start = self.entry_gfn(li, row, idx)
+            self.on_restrict(start, start + (1 << self._gshift[li]))
+        if not old_table and old & PTE_W and not (new & PTE_W and same_output):
+            self._bump("leaves_write_protected")
+            self._bump("pages_write_protected", 1 << self._gshift[li])
+
+    # -- lookups -------------------------------------------------------------------
+
+    def leaf(self, gfn: int) -> Leaf:
+        """The leaf mapping ``gfn`` (a scalar walk, for the slow paths)."""
+        li, row = 0, 0
+        if not 0 <= gfn < self.geometry.max_gfn:
+            return Leaf(NO_LEVEL, 0, gfn, 1, -1, -1, -1)
+        for li, (sh, n) in enumerate(zip(self._gshift, self._nent)):
+            idx = (gfn >> sh) & (n - 1)
+            pte = int(self._tabs[li][row, idx])
+            level = self._levels[li]
+            if pte & PTE_VALID and pte & PTE_TABLE and level < LAST_LEVEL:
+                row = pte >> PTE_ADDR_SHIFT
+                continue
+            base = (gfn >> sh) << sh
+            return Leaf(level if pte & PTE_VALID else NO_LEVEL, pte, base, 1 << sh, li, row, idx)
+        raise AssertionError("walk fell off the last level")
+
+    def lookup(self, gfns: np.ndarray) -> Leaves:
+        """Vectorised walk: the leaf mapping each of ``gfns``."""
+        gfns = np.asarray(gfns, dtype=np.int64)
+        n = len(gfns)
+        out = Leaves(np.full(n, NO_LEVEL, np.int16), np.zeros(n, np.uint64),
+                     np.full(n, -1, np.int64), np.full(n, -1, np.int64), np.full(n, -1, np.int64))
+        act = np.nonzero((gfns >= 0) & (gfns < self.geometry.max_gfn))[0]
+        rows = np.zeros(len(act), np.int64)
+        for li, (sh, nent) in enumerate(zip(self._gshift, self._nent)):
+            if not len(act):
+                break
+            idx = (gfns[act] >> sh) & (nent - 1)
+            e = self._tabs[li][rows, idx]
+            valid = (e & PTE_VALID) != 0
+            table = valid & ((e & PTE_TABLE) != 0) & (self._levels[li] < LAST_LEVEL)
+            stop = ~table
+            where = act[stop]
+            out.level[where] = np.where(valid[stop], self._levels[li], NO_LEVEL)
+            out.pte[where] = e[stop]
+            out.li[where] = li
+            out.row[where] = rows[stop]
+            out.idx[where] = idx[stop]
+            act = act[table]
+            rows = (e[table] >> PTE_ADDR_SHIFT).astype(np.int64)
+        return out
+
+    # -- the walker ----------------------------------------------------------------
+
+    def walk(self, start: int, end: int, visitor: Visitor, flags: int = WALK_LEAF) -> None:
+        """Visit the entries mapping IPA range ``[start, end)`` (bytes), level by level.
+
+        Mirrors ``kvm_pgtable_walk``: each level steps with the clamped ``addr_end``
+        of that level, so a range starting at the last page of a block, or ending in
+        the middle of one, visits exactly the entries it overlaps.
+        """
+        end = min(end, 1 << self.geometry.ipa_bits)
+        if start < end:
+            self._walk(0, 0, start, end, visitor, flags)
+
+    def _walk(self, li: int, row: int, addr: int, end: int, visitor: Visitor, flags: int) -> None:
+        g = self.geometry
+        level = self._levels[li]
+        shift = g.level_shift(level)
+        nent = self._nent[li]
+        while True:
+            idx = (addr >> shift) & (nent - 1)
+            nxt = g.addr_end(addr, end, level)
+            pte = int(self._tabs[li][row, idx])
+            table = bool(pte & PTE_VALID and pte & PTE_TABLE) and level < LAST_LEVEL
+            if table:
+                if flags & WALK_TABLE_PRE:
+                    self._visit(visitor, level, addr, end, pte, WALK_TABLE_PRE, li, row, idx)
+                    pte = int(self._tabs[li][row, idx])
+                    table = bool(pte & PTE_VALID and pte & PTE_TABLE)
+            if table:
+                self._walk(li + 1, pte >> PTE_ADDR_SHIFT, addr, nxt, visitor, flags)
+                if flags & WALK_TABLE_POST:
+                    self._visit(visitor, level, addr, end, pte, WALK_TABLE_POST, li, row, idx)
+            elif flags & WALK_LEAF:
+                self._visit(visitor, level, addr, end, pte, WALK_LEAF, li, row, idx)
+            addr = nxt
+            if addr == end:
+                return
+
+    def _visit(self, visitor: Visitor, level: int, addr: int, end: int, pte: int, flag: int,
+               li: int, row: int, idx: int) -> None:
+        new = visitor(WalkContext(level, addr, end, pte, flag, li, row, idx))
+        if new is not None:
+            self.set_entry(li, row, idx, new)
+
+    # -- building and breaking mappings ----------------------------------------------
+
+    def map(self, gfn: int, level: int, prot: int, tlbi: Tlbi) -> list[tuple[int, int]]:
+        """Install a leaf at ``level`` for the entry holding ``gfn`` (``kvm_pgtable_stage2_map``).
+
+        ``prot`` is W/D and software bits.  A valid block above ``level`` is broken
+        with break-before-make: made invalid, ``tlbi`` called for it, and replaced by a
+        table that holds only the new mapping (the rest faults back in lazily).  A
+        table or a different leaf at ``level`` is replaced likewise.  Returns the
+        ``(gfn, level)`` of every entry it broke.
+        """
+        target = self._levels.index(level)
+        broken: list[tuple[int, int]] = []
+        row = 0
+        for li in range(target):
+            sh, nent = self._gshift[li], self._nent[li]
+            idx = (gfn >> sh) & (nent - 1)
+            pte = int(self._tabs[li][row, idx])
+            if pte & PTE_VALID and pte & PTE_TABLE:
+                row = pte >> PTE_ADDR_SHIFT
+                continue
+            if pte & PTE_VALID:
+                base = (gfn >> sh) << sh
+                self.set_entry(li, row, idx, 0)
+                tlbi(base, self._levels[li])
+                broken.append((base, self._levels[li]))
+            child = self._alloc_table(li + 1, (gfn >> sh) << sh)
+            self.set_entry(li, row, idx, (child << PTE_ADDR_SHIFT) | PTE_TABLE | PTE_VALID)
+            row = child
+        sh = self._gshift[target]
+        base = (gfn >> sh) << sh
+        idx = (gfn >> sh) & (self._nent[target] - 1)
+        old = int(self._tabs[target][row, idx])
+        new = _pte_leaf(base, prot)
+        if old & PTE_VALID and (old >> PTE_ADDR_SHIFT != new >> PTE_ADDR_SHIFT
+                                or bool(old & PTE_TABLE) and level < LAST_LEVEL):
+            self.set_entry(target, row, idx, 0)
+            if old & PTE_TABLE and level < LAST_LEVEL:
+                self._free_table(target + 1, old >> PTE_ADDR_SHIFT)
+            tlbi(base, level)
+            broken.append((base, level))
+        self.set_entry(target, row, idx, new)
+        self._bump("pages_mapped" if level == LAST_LEVEL else "blocks_mapped")
+        return broken
+
+    def split(self, gfn: int, tlbi: Tlbi, to_level: int = LAST_LEVEL) -> int:
+        """Split the block holding ``gfn`` into leaves of ``to_level`` (``kvm_pgtable_stage2_split``).
+
+        The new leaves keep the block's permissions; the block entry is replaced with
+        break-before-make (``tlbi`` on the old block).  Returns how many blocks were
+        split (0 if ``gfn`` is not under a block above ``to_level``).
+        """
+        leaf = self.leaf(gfn)
+        if leaf.level == NO_LEVEL or leaf.level >= to_level:
+            return 0
+        li, row, idx = leaf.li, leaf.row, leaf.idx
+        prot = leaf.pte & ((1 << PTE_ADDR_SHIFT) - 1) & ~PTE_TABLE
+        self.set_entry(li, row, idx, 0)
+        tlbi(leaf.base_gfn, leaf.level)
+        table = self._build(li + 1, leaf.base_gfn, prot, self._levels.index(to_level))
+        self.set_entry(li, row, idx, (table << PTE_ADDR_SHIFT) | PTE_TABLE | PTE_VALID)
+        self._bump("huge_pages_split")
+        return 1
+
+    def _build(self, li: int, base_gfn: int, prot: int, leaf_li: int) -> int:
+        """A new table at ``li`` mapping its whole range with leaves at ``leaf_li``."""
+        row = self._alloc_table(li, base_gfn)
+        sh = self._gshift[li]
+        gfns = base_gfn + (np.arange(self._nent[li], dtype=np.int64) << sh)
+        if li == leaf_li:
+            self._tabs[li][row] = (gfns.astype(np.uint64) << np.uint64(PTE_ADDR_SHIFT)) | np.uint64(prot | PTE_VALID)
+            self._bump("pages_mapped" if self._levels[li] == LAST_LEVEL else "blocks_mapped", self._nent[li])
+            return row
+        for i, child_base in enumerate(gfns.tolist()):
+            child = self._build(li + 1, child_base, prot, leaf_li)
+            self._tabs[li][row, i] = (child << PTE_ADDR_SHIFT) | PTE_TABLE | PTE_VALID
+        return row
+
+    def unmap_range(self, start_gfn: int, end_gfn: int) -> None:
+        """Remove every mapping that overlaps ``[start_gfn, end_gfn)`` and free the tables
+        left empty (``kvm_pgtable_stage2_unmap``, whose refcounts free empty tables)."""
+        def visit(ctx: WalkContext) -> int | None:
+            if ctx.flag == WALK_LEAF:
+                return 0 if ctx.valid else None
+            child = ctx.pte >> PTE_ADDR_SHIFT
+            lo = self.entry_gfn(ctx.li, ctx.row, ctx.idx)
+            inside = start_gfn <= lo and lo + (1 << self._gshift[ctx.li]) <= end_gfn
+            if inside or (ctx.flag == WALK_TABLE_POST and not (self._tabs[ctx.li + 1][child] & PTE_VALID).any()):
+                self.set_entry(ctx.li, ctx.row, ctx.idx, 0)
+                self._free_table(ctx.li + 1, child)
+            return None
+
+        shift = self.geometry.page_shift
+        self.walk(start_gfn << shift, end_gfn << shift, visit, WALK_LEAF | WALK_TABLE_PRE | WALK_TABLE_POST)
+
+    # -- vectorised permission changes ------------------------------------------------
+
+    def clear_bits_ranges(self, starts: np.ndarray, ends: np.ndarray, bits: int,
+                          min_level: int | None = None, max_level: int = LAST_LEVEL) -> int:
+        """Clear ``bits`` on every valid leaf overlapping any ``[starts[i], ends[i])``.
+
+        The vectorised form of a leaf-visitor walk over many small ranges (the
+        batched write-protect and D-bit clearing).  A block overlapping a range loses
+        the bits as a whole, as ``kvm_pgtable_stage2_wrprotect`` does.  Only leaves at
+        levels in ``[min_level, max_level]`` are touched.  Returns the leaves changed.
+        """
+        starts = np.asarray(starts, np.int64)
+        ends = np.asarray(ends, np.int64)
+        lens = np.maximum(ends - starts, 0)
+        if not lens.sum():
+            return 0
+        gfns = np.repeat(starts - np.cumsum(lens) + lens, lens) + np.arange(lens.sum(), dtype=np.int64)
+        return self.clear_bits(gfns, bits, min_level, max_level)
+
+    def clear_bits(self, gfns: np.ndarray, bits: int, min_level: int | None = None,
+                   max_level: int = LAST_LEVEL) -> int:
+        """Clear ``bits`` on the valid leaves mapping ``gfns``; returns the leaves changed."""
+        leaves = self.lookup(gfns)
+        lo = self.geometry.start_level if min_level is None else min_level
+        sel = leaves.valid & ((leaves.pte & np.uint64(bits)) != 0) & (leaves.level >= lo) & (leaves.level <= max_level)
+        if not sel.any():
+            return 0
+        changed = 0
+        for li in np.unique(leaves.li[sel]).tolist():
+            m = sel & (leaves.li == li)
+            key = np.unique(leaves.row[m] * self._nent[li] + leaves.idx[m])
+            rows, idx = key // self._nent[li], key % self._nent[li]
+            tab = self._tabs[li]
+            old = tab[rows, idx]
+            tab[rows, idx] = old & ~np.uint64(bits)
+            changed += len(key)
+            pages = 1 << self._gshift[li]
+            first = self._base[li][rows] + (idx << self._gshift[li])
+            if bits & PTE_W:
+                nw = int(((old & PTE_W) != 0).sum())
+                self._bump("leaves_write_protected", nw)
+                self._bump("pages_write_protected", nw * pages)
+            self._report_runs(first, pages)
+        return changed
+
+    def _report_runs(self, first: np.ndarray, pages: int) -> None:
+        """Tell the owner about restricted leaves, merged into contiguous runs."""
+        first = np.sort(first)
+        breaks = np.nonzero(np.diff(first) != pages)[0]
+        lo = np.concatenate(([0], breaks + 1))
+        hi = np.concatenate((breaks, [len(first) - 1]))
+        for a, b in zip(first[lo].tolist(), first[hi].tolist()):
+            self.on_restrict(a, b + pages)
+
+    def wrprotect_range(self, start_gfn: int, end_gfn: int) -> int:
+        """Write-protect every leaf overlapping ``[start_gfn, end_gfn)``, scanning only
+        the tables that exist (``kvm_pgtable_stage2_wrprotect`` over a whole slot)."""
+        changed = 0
+        for li, level in enumerate(self._levels):
+            if level != LAST_LEVEL and level not in self.geometry.block_levels:
+                continue
+            span = self._nent[li] << self._gshift[li]
+            nrows = self._nrows[li]
+            base = self._base[li][:nrows]
+            rows = np.nonzero((base < end_gfn) & (base + span > start_gfn))[0]
+            if not len(rows):
+                continue
+            ents = self._tabs[li][rows]
+            first = base[rows, None] + (np.arange(self._nent[li], dtype=np.int64) << self._gshift[li])[None, :]
+            pages = 1 << self._gshift[li]
+            leafw = (ents & np.uint64(PTE_VALID | PTE_W)) == (PTE_VALID | PTE_W)
+            if level < LAST_LEVEL:
+                leafw &= (ents & np.uint64(PTE_TABLE)) == 0
+            sel = leafw & (first < end_gfn) & (first + pages > start_gfn)
+            r, i = np.nonzero(sel)
+            if not len(r):
+                continue
+            self._tabs[li][rows[r], i] = ents[r, i] & ~np.uint64(PTE_W)
+            changed += len(r)
+            self._bump("leaves_write_protected", len(r))
+            self._bump("pages_write_protected", len(r) * pages)
+            self._report_runs(first[r, i], pages)
+        return changed
+
+    def set_bits(self, gfns: np.ndarray, bits: int) -> None:
+        """Set ``bits`` on the valid leaves mapping ``gfns`` (hardware setting D/A bits)."""
+        leaves = self.lookup(gfns)
+        for li in np.unique(leaves.li[leaves.valid]).tolist():
+            m = leaves.valid & (leaves.li == li)
+            self._tabs[li][leaves.row[m], leaves.idx[m]] |= np.uint64(bits)
+
+    def mapped_leaves(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Every valid leaf as ``(first_gfn, level, pte)`` arrays: for checks and reports."""
+        firsts, levels, ptes = [], [], []
+        for li, level in enumerate(self._levels):
+            nrows = self._nrows[li]
+            ents = self._tabs[li][:nrows]
+            valid = (ents & np.uint64(PTE_VALID)) != 0
+            if level < LAST_LEVEL:
+                valid &= (ents & np.uint64(PTE_TABLE)) == 0
+            r, i = np.nonzero(valid)
+            firsts.append(self._base[li][r] + (i.astype(np.int64) << self._gshift[li]))
+            levels.append(np.full(len(r), level, np.int16))
+            ptes.append(ents[r, i])
+        return np.concatenate(firsts), np.concatenate(levels), np.concatenate(ptes)

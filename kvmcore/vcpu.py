@@ -1,0 +1,330 @@
+"""A vCPU's access path: TLB lookup, page-table walk, stage-2 fault, retry.
+
+A batch of guest accesses runs as hardware would run it, in order, but vectorised:
+every page is classified once (a write through a cached writable-and-dirty entry or a
+writable-and-dirty leaf goes straight through; a writable leaf with D clear makes the
+hardware set D; anything else faults), and only the accesses that need KVM are
+visited one by one, in order.  After each exit to KVM the pages whose mappings or
+cached translations changed are classified again from that point on, so the result
+is that of executing the accesses one at a time.
+"""
+
+from __future__ import annotations
+
+import errno
+import heapq
+import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from kvmcore.errors import KvmError
+from kvmcore.geometry import LAST_LEVEL
+from kvmcore.pgtable import NO_LEVEL, PTE_D, PTE_VALID, PTE_W
+from kvmcore.tlb import TLB_INVALID, TLB_READ, TLB_WRITE, TLB_WRITE_DIRTY, Tlb
+from kvmcore.uapi import KVM_EXIT_MMIO
+
+if TYPE_CHECKING:
+    from kvmcore.memslot import Memslot
+    from kvmcore.vm import Vm
+
+FAST, SET_DIRTY, FAULT = 0, 1, 2
+MAX_FAULT_RETRIES = 4
+
+
+class ArchBugError(RuntimeError):
+    """The arch plugin broke the hook contract (for example, a fault it did not resolve)."""
+
+
+class Vcpu:
+    """One vCPU of a simulated VM (``struct kvm_vcpu``)."""
+
+    def __init__(self, vm: Vm, vcpu_id: int) -> None:
+        self.vm = vm
+        self.id = vcpu_id
+        self.tlb = Tlb()
+        self.exit_reason: int | None = None
+        self.guest_lock = threading.RLock()  # held while in guest mode; kicks wait for it
+        self.arch_state: dict = {}
+        self._pending_exit: int | None = None
+
+    def __repr__(self) -> str:
+        return f"<kvmcore.Vcpu {self.id} of {self.vm.arch}>"
+
+    def request_exit(self, reason: int) -> None:
+        """Make the vCPU return to userspace before its next access (a ``kvm_run`` exit)."""
+        self._pending_exit = reason
+
+    # -- the public accesses ---------------------------------------------------------
+
+    def write_many(self, gpas: np.ndarray, value: int | np.ndarray = 0) -> int:
+        """Guest stores of a u64 at each 8-byte aligned gpa, in order; returns how many
+        completed before the vCPU exited (all of them unless ``exit_reason`` says why)."""
+        gpas = np.asarray(gpas)
+        if gpas.ndim != 1 or (gpas.size and not np.issubdtype(gpas.dtype, np.integer)):
+            raise KvmError(errno.EINVAL, "gpas must be a 1-d array of integers")
+        gpas = gpas.astype(np.int64)
+        if gpas.size and ((gpas & 7).any() or (gpas < 0).any()):
+            raise KvmError(errno.EINVAL, "every gpa of write_many must be a non-negative multiple of 8")
+        values = np.broadcast_to(np.asarray(value, dtype=np.uint64), gpas.shape)
+        vm = self.vm
+
+        def commit(a: int, b: int, slots: list[Memslot], slot_idx: np.ndarray) -> None:
+            if b - a <= 8:
+                for i in range(a, b):
+                    ms = slots[slot_idx[i]]
+                    ms.memory.view(np.uint64)[(int(gpas[i]) - (ms.base_gfn << vm.page_shift)) >> 3] = values[i]
+                return
+            for k in np.unique(slot_idx[a:b]).tolist():
+                sel = np.nonzero(slot_idx[a:b] == k)[0] + a
+                ms = slots[k]
+                offs = (gpas[sel] - (ms.base_gfn << vm.page_shift)) >> 3
+                ms.memory.view(np.uint64)[offs] = values[sel]
+
+        return self._run(gpas >> vm.page_shift, write=True, commit=commit)
+
+    def write(self, gpa: int, data: bytes) -> int:
+        """A guest store of ``data`` at ``gpa``; returns the bytes stored (all of them
+        unless the vCPU exited, e.g. ``KVM_EXIT_MMIO`` for a gpa no memslot backs)."""
+        data = np.frombuffer(bytes(data), np.uint8)
+        gpas, lens = self._split(gpa, len(data))
+        starts = np.concatenate(([0], np.cumsum(lens)[:-1])) if len(lens) else lens
+
+        def commit(a: int, b: int, slots: list[Memslot], slot_idx: np.ndarray) -> None:
+            for i in range(a, b):
+                ms = slots[slot_idx[i]]
+                off = gpas[i] - (ms.base_gfn << self.vm.page_shift)
+                ms.memory[off:off + lens[i]] = data[starts[i]:starts[i] + lens[i]]
+
+        done = self._run(gpas >> self.vm.page_shift, write=True, commit=commit)
+        return int(lens[:done].sum())
+
+    def read(self, gpa: int, size: int) -> bytes:
+        """A guest load of ``size`` bytes at ``gpa``."""
+        gpas, lens = self._split(gpa, size)
+        out = bytearray()
+
+        def commit(a: int, b: int, slots: list[Memslot], slot_idx: np.ndarray) -> None:
+            for i in range(a, b):
+                ms = slots[slot_idx[i]]
+                off = gpas[i] - (ms.base_gfn << self.vm.page_shift)
+                out.extend(ms.memory[off:off + lens[i]].tobytes())
+
+        done = self._run(gpas >> self.vm.page_shift, write=False, commit=commit)
+        if done < len(gpas):
+            raise KvmError(errno.EFAULT, f"guest load at {int(gpas[done]):#x} exited "
+                                         f"(exit reason {self.exit_reason}): no memslot backs it")
+        return bytes(out)
+
+    def _split(self, gpa: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+        """Cut ``[gpa, gpa + size)`` at page boundaries: one access per page."""
+        if gpa < 0 or size < 0:
+            raise KvmError(errno.EINVAL, "gpa and size must be non-negative")
+        ps = self.vm.page_size
+        first = gpa & ~(ps - 1)
+        bounds = np.arange(first, gpa + size + ps, ps, dtype=np.int64) if size else np.zeros(0, np.int64)
+        starts = np.maximum(bounds[:-1], gpa) if size else bounds
+        ends = np.minimum(bounds[1:], gpa + size) if size else bounds
+        keep = ends > starts
+        return starts[keep], (ends - starts)[keep]
+
+    # -- the engine ----------------------------------------------------------------
+
+    def _run(self, gfns: np.ndarray, write: bool,
+             commit: Callable[[int, int, list, np.ndarray], None]) -> int:
+        """Execute accesses to ``gfns`` in order; returns how many completed."""
+        vm = self.vm
+        n = len(gfns)
+        self.exit_reason = None
+        self._pending_exit = None
+        if not n:
+            return 0
+        uniq, inv = np.unique(gfns, return_inverse=True)
+        inv = inv.ravel()
+        uslot, slots = vm.slots_for(uniq)
+        slot_idx = uslot[inv]
+        bad = uslot < 0
+        if write:
+            ro = np.array([s.readonly for s in slots] + [False])
+            bad |= ro[uslot]
+        stop = n
+        if bad.any():
+            stop = int(np.argmax(bad[inv]))
+            self.exit_reason = KVM_EXIT_MMIO
+        order = np.argsort(inv, kind="stable")
+        keys = inv[order].astype(np.int64) * n + order
+
+        def next_use(us: np.ndarray, pos: int) -> np.ndarray:
+            """The first access at or after ``pos`` to each page ``us``."""
+            at = np.searchsorted(keys, us.astype(np.int64) * n + pos)
+            found = (at < n) & (keys[np.minimum(at, n - 1)] // n == us)
+            return np.where(found, keys[np.minimum(at, n - 1)] % n, n)
+
+        with vm.event_cursor() as events:
+            self.guest_lock.acquire()
+            try:
+                cls, tlb_only = self._classify(uniq, uslot, slots, write)
+                firsts = np.full(len(uniq), n, np.int64)
+                np.minimum.at(firsts, inv, np.arange(n, dtype=np.int64))
+                initial = np.sort(firsts[cls != FAST])
+                heap: list[int] = []
+                pos, done = 0, 0
+                tlb_only_set = set(np.nonzero(tlb_only)[0].tolist())
+                retries: dict[int, int] = {}
+                while True:
+                    if heap and (pos >= len(initial) or heap[0] <= initial[pos]):
+                        i = heapq.heappop(heap)
+                    elif pos < len(initial):
+                        i = int(initial[pos])
+                        pos += 1
+                    else:
+                        break
+                    if i >= stop:
+                        break
+                    u = int(inv[i])
+                    ms = slots[uslot[u]]
+                    kind, via_tlb_only = self._classify_one(int(uniq[u]), ms, write)
+                    if via_tlb_only:
+                        tlb_only_set.add(u)
+                    if kind == FAST:
+                        continue
+                    self._fill(uniq, done, i, uslot, inv, slots, write)
+                    commit(done, i, slots, slot_idx)
+                    done = i
+                    self.guest_lock.release()
+                    try:
+                        self._exit_to_kvm(ms, int(uniq[u]), kind, write, retries, i)
+                    finally:
+                        self.guest_lock.acquire()
+                    if self._pending_exit is not None:
+                        stop = i
+                        self.exit_reason = self._pending_exit
+                        break
+                    heapq.heappush(heap, i)
+                    for ev, lo, hi in events.new():
+                        a, b = np.searchsorted(uniq, [lo, hi])
+                        us = np.arange(a, b, dtype=np.int64)
+                        if ev == "tlb":
+                            us = np.array(sorted(tlb_only_set.intersection(us.tolist())), np.int64)
+                            tlb_only_set.difference_update(us.tolist())
+                        for j in next_use(us, i + 1).tolist():
+                            if j < n:
+                                heapq.heappush(heap, j)
+                self._fill(uniq, done, stop, uslot, inv, slots, write)
+                commit(done, stop, slots, slot_idx)
+            finally:
+                self.guest_lock.release()
+        self._exit_to_user()
+        return stop
+
+    def _exit_to_kvm(self, ms: Memslot, gfn: int, kind: int, write: bool, retries: dict[int, int],
+                     i: int) -> None:
+        """Handle one access that needs KVM (or the hardware's D-bit update)."""
+        vm = self.vm
+        if kind == SET_DIRTY:
+            vm.pgtable.set_bits(np.array([gfn]), PTE_D)
+            vm.stats["hw_dirty_bits_set"] += 1
+            vm.hook.kvm_arch_hw_set_dirty(kvm=vm, vcpu=self, slot=ms, gfns=np.array([gfn], np.int64))
+            return
+        retries[i] = retries.get(i, 0) + 1
+        if retries[i] > MAX_FAULT_RETRIES:
+            raise ArchBugError(f"arch {vm.arch!r}: a {'write' if write else 'read'} fault on gfn {gfn:#x} "
+                               f"is still not resolved after {MAX_FAULT_RETRIES} tries")
+        if retries[i] > 1:
+            vm.stats["fault_retries"] += 1
+        vm.stats["write_faults" if write else "read_faults"] += 1
+        with vm.mmu_lock:
+            vm.hook.kvm_arch_handle_stage2_fault(kvm=vm, vcpu=self, slot=ms, gfn=gfn, write=write)
+
+    def _exit_to_user(self) -> None:
+        self.vm.stats["vcpu_exits"] += 1
+        self.vm.hook.kvm_arch_vcpu_exit(kvm=self.vm, vcpu=self)
+
+    def _tlb_states(self, uniq: np.ndarray, uslot: np.ndarray, slots: list[Memslot]) -> np.ndarray:
+        states = np.zeros(len(uniq), np.uint8)
+        for k in np.unique(uslot[uslot >= 0]).tolist():
+            m = uslot == k
+            states[m] = self.tlb.states(slots[k], uniq[m] - slots[k].base_gfn)
+        return states
+
+    def _classify(self, uniq: np.ndarray, uslot: np.ndarray, slots: list[Memslot],
+                  write: bool) -> tuple[np.ndarray, np.ndarray]:
+        """Per page: FAST, SET_DIRTY or FAULT, and whether it is fast only through a
+        cached translation the page tables no longer grant."""
+        tlb = self._tlb_states(uniq, uslot, slots)
+        pte = self.vm.pgtable.lookup(uniq).pte
+        if write:
+            wd = np.uint64(PTE_VALID | PTE_W | PTE_D)
+            pt_fast = (pte & wd) == wd
+            pt_w = (pte & np.uint64(PTE_VALID | PTE_W)) == (PTE_VALID | PTE_W)
+            tlb_fast = tlb == TLB_WRITE_DIRTY
+            cls = np.where(tlb_fast | pt_fast, FAST, np.where(pt_w, SET_DIRTY, FAULT))
+        else:
+            pt_fast = (pte & np.uint64(PTE_VALID)) != 0
+            tlb_fast = tlb != TLB_INVALID
+            cls = np.where(tlb_fast | pt_fast, FAST, FAULT)
+        return cls, tlb_fast & ~pt_fast
+
+    def _classify_one(self, gfn: int, ms: Memslot, write: bool) -> tuple[int, bool]:
+        tlb = self.tlb.state(ms, gfn - ms.base_gfn)
+        pte = self.vm.pgtable.leaf(gfn).pte
+        if write:
+            pt_fast = pte & (PTE_VALID | PTE_W | PTE_D) == PTE_VALID | PTE_W | PTE_D
+            tlb_fast = tlb == TLB_WRITE_DIRTY
+            if tlb_fast or pt_fast:
+                return FAST, tlb_fast and not pt_fast
+            return (SET_DIRTY if pte & (PTE_VALID | PTE_W) == PTE_VALID | PTE_W else FAULT), False
+        pt_fast = bool(pte & PTE_VALID)
+        tlb_fast = tlb != TLB_INVALID
+        return (FAST if tlb_fast or pt_fast else FAULT), tlb_fast and not pt_fast
+
+    def _fill(self, uniq: np.ndarray, a: int, b: int, uslot: np.ndarray, inv: np.ndarray,
+              slots: list[Memslot], write: bool) -> None:
+        """Cache the translations accesses ``[a, b)`` used, where the TLB did not serve them."""
+        if a >= b:
+            return
+        if b - a <= 8:
+            for u in set(inv[a:b].tolist()):
+                self._fill_one(int(uniq[u]), slots[uslot[u]], write)
+            return
+        us = np.unique(inv[a:b])
+        pages, pslot = uniq[us], uslot[us]
+        cached = self._tlb_states(pages, pslot, slots)
+        missing = (cached != TLB_WRITE_DIRTY) if write else (cached == TLB_INVALID)
+        pages, pslot = pages[missing], pslot[missing]
+        if not len(pages):
+            return
+        leaves = self.vm.pgtable.lookup(pages)
+        state = np.where((leaves.pte & np.uint64(PTE_W)) == 0, TLB_READ,
+                         np.where((leaves.pte & np.uint64(PTE_D)) != 0, TLB_WRITE_DIRTY, TLB_WRITE)).astype(np.uint8)
+        valid = leaves.level != NO_LEVEL
+        page_leaf = valid & (leaves.level == LAST_LEVEL)
+        for k in np.unique(pslot).tolist():
+            ms = slots[k]
+            m = page_leaf & (pslot == k)
+            self.tlb.fill(ms, pages[m] - ms.base_gfn, state[m])
+        block = valid & (leaves.level != LAST_LEVEL)
+        if block.any():
+            geo = self.vm.geometry
+            seen = set()
+            for g, lv, st, k in zip(pages[block].tolist(), leaves.level[block].tolist(),
+                                    state[block].tolist(), pslot[block].tolist()):
+                span = geo.level_pages(lv)
+                base = g & ~(span - 1)
+                if (base, lv, k) in seen:
+                    continue
+                seen.add((base, lv, k))
+                ms = slots[k]
+                self.tlb.fill_range(ms, base - ms.base_gfn, base + span - ms.base_gfn, st)
+
+    def _fill_one(self, gfn: int, ms: Memslot, write: bool) -> None:
+        """:meth:`_fill` for one page (short segments are the common case between faults)."""
+        cached = self.tlb.state(ms, gfn - ms.base_gfn)
+        if cached == TLB_WRITE_DIRTY or (not write and cached != TLB_INVALID):
+            return
+        leaf = self.vm.pgtable.leaf(gfn)
+        if leaf.level == NO_LEVEL:
+            return
+        state = TLB_READ if not leaf.pte & PTE_W else TLB_WRITE_DIRTY if leaf.pte & PTE_D else TLB_WRITE
+        self.tlb.fill_range(ms, leaf.base_gfn - ms.base_gfn, leaf.base_gfn + leaf.pages - ms.base_gfn, state)
