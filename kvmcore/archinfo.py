@@ -14,6 +14,12 @@ class ArchInfo:
     :param manual_dirty_log_caps: ``KVM_DIRTY_LOG_MANUAL_CAPS`` (INITIALLY_SET or not).
     :param user_mem_slots: ``KVM_USER_MEM_SLOTS``.
     :param nr_address_spaces: ``kvm_arch_nr_memslot_as_ids`` (2 on x86: normal + SMM).
+    :param dirty_ring_caps: the dirty-ring capabilities the arch offers, from
+        ``KVM_CAP_DIRTY_LOG_RING`` (``CONFIG_HAVE_KVM_DIRTY_RING_TSO``: x86),
+        ``KVM_CAP_DIRTY_LOG_RING_ACQ_REL`` (``..._ACQ_REL``: x86 and arm64) and
+        ``KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP`` (``CONFIG_NEED_KVM_DIRTY_RING_WITH_BITMAP``:
+        arm64).  Empty (the default) means no ring, as 32-bit arm
+        (no ``KVM_DIRTY_LOG_PAGE_OFFSET``).
     """
 
     name: str
@@ -23,4 +29,5 @@ class ArchInfo:
     user_mem_slots: int = 32767
     manual_dirty_log_caps: int = KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE
     has_readonly_mem: bool = True
+    dirty_ring_caps: frozenset[int] = attrs.field(factory=frozenset, converter=frozenset)
     options: Mapping[str, Any] = attrs.field(factory=dict, converter=lambda m: dict(m))

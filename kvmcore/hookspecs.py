@@ -148,6 +148,14 @@ def kvm_arch_hw_set_dirty(kvm: Vm, vcpu: Vcpu, slot: Memslot, gfns: np.ndarray) 
     Only leaves created with D clear ever reach it."""
 
 
+@hookspec(firstresult=True)
+def kvm_cpu_dirty_log_size(kvm: Vm) -> int:
+    """Optional.  How many dirty GFNs the vCPU's hardware may hold before KVM sees them
+    (``kvm_cpu_dirty_log_size``: 512, the PML buffer, on x86 with PML; 0 elsewhere,
+    and when unimplemented).  The dirty ring keeps that many entries, plus 64, free
+    past its soft limit, so a drain at VM exit never overflows the ring."""
+
+
 @hookspec
 def kvm_arch_vcpu_exit(kvm: Vm, vcpu: Vcpu) -> None:
     """Optional.  The vCPU leaves guest mode (every exit: x86 drains PML here)."""

@@ -17,12 +17,17 @@ STAT_NAMES = (
     "tlb_flushes_full",         # whole-VM (VMID) invalidations
     "tlb_flushes_range",        # range invalidations (a memslot, a GET/CLEAR)
     "tlb_flushes_ipa",          # single-entry invalidations (TLBI IPA, break-before-make)
-    "pages_dirtied",            # bits newly set in a dirty log by mark_page_dirty
+    "pages_dirtied",            # bits newly set in a dirty bitmap, or entries pushed to a ring
     "mark_page_dirty_calls",    # calls of mark_page_dirty_in_slot for a logging slot
     "dirty_log_gets",           # KVM_GET_DIRTY_LOG calls that succeeded
     "dirty_log_clears",         # KVM_CLEAR_DIRTY_LOG calls that succeeded
     "protect_hook_calls",       # kvm_mmu_write_protect_pt_masked calls (batched: words)
     "vcpu_exits",               # returns from guest mode to the VMM
+    "dirty_ring_pushes",        # entries pushed to a vCPU's dirty ring
+    "dirty_ring_full_exits",    # KVM_EXIT_DIRTY_RING_FULL returns to the VMM
+    "dirty_ring_resets",        # entries reset by KVM_RESET_DIRTY_RINGS
+    "dirty_ring_invalid_entries",  # of those, entries skipped as invalid (bad slot, offset)
+    "dirty_marks_dropped",      # marks with nowhere to go (ring VM, no vCPU, no bitmap)
 )
 
 

@@ -19,11 +19,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from kvmcore.dirty_ring import DirtyRing
 from kvmcore.errors import KvmError
 from kvmcore.geometry import LAST_LEVEL
 from kvmcore.pgtable import NO_LEVEL, PTE_D, PTE_VALID, PTE_W
 from kvmcore.tlb import TLB_INVALID, TLB_READ, TLB_WRITE, TLB_WRITE_DIRTY, Tlb
-from kvmcore.uapi import KVM_EXIT_MMIO
+from kvmcore.uapi import KVM_EXIT_DIRTY_RING_FULL, KVM_EXIT_MMIO
 
 if TYPE_CHECKING:
     from kvmcore.memslot import Memslot
@@ -48,6 +49,9 @@ class Vcpu:
         self.guest_lock = threading.RLock()  # held while in guest mode; kicks wait for it
         self.arch_state: dict = {}
         self._pending_exit: int | None = None
+        self.dirty_ring: DirtyRing | None = None  # kvm_dirty_ring_alloc at KVM_CREATE_VCPU
+        if vm.dirty_ring_size:
+            self.dirty_ring = DirtyRing.alloc(vm.dirty_ring_size, vm.dirty_ring_rsvd_entries)
 
     def __repr__(self) -> str:
         return f"<kvmcore.Vcpu {self.id} of {self.vm.arch}>"
@@ -55,6 +59,15 @@ class Vcpu:
     def request_exit(self, reason: int) -> None:
         """Make the vCPU return to userspace before its next access (a ``kvm_run`` exit)."""
         self._pending_exit = reason
+
+    def harvest_dirty_ring(self) -> np.ndarray:
+        """Collect this vCPU's dirty ring as a VMM does: the ``(slot, offset)`` of each
+        entry pushed since the last harvest, in push order, each marked RESET for the
+        next ``vm.reset_dirty_rings()`` (see :func:`kvmcore.dirty_ring.harvest`)."""
+        if self.dirty_ring is None:
+            raise KvmError(errno.EINVAL, "this vCPU has no dirty ring: enable KVM_CAP_DIRTY_LOG_RING "
+                                         "before creating vCPUs")
+        return self.dirty_ring.harvest()
 
     # -- the public accesses ---------------------------------------------------------
 
@@ -113,8 +126,9 @@ class Vcpu:
 
         done = self._run(gpas >> self.vm.page_shift, write=False, commit=commit)
         if done < len(gpas):
+            why = "no memslot backs it" if self.exit_reason == KVM_EXIT_MMIO else "the vCPU exited"
             raise KvmError(errno.EFAULT, f"guest load at {int(gpas[done]):#x} exited "
-                                         f"(exit reason {self.exit_reason}): no memslot backs it")
+                                         f"(exit reason {self.exit_reason}): {why}")
         return bytes(out)
 
     def _split(self, gpa: int, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -139,6 +153,11 @@ class Vcpu:
         self.exit_reason = None
         self._pending_exit = None
         if not n:
+            return 0
+        if self.dirty_ring is not None and self.dirty_ring.soft_full:
+            # kvm_dirty_ring_check_request: no guest entry until a reset makes room.
+            self.exit_reason = KVM_EXIT_DIRTY_RING_FULL
+            vm.stats["dirty_ring_full_exits"] += 1
             return 0
         uniq, inv = np.unique(gfns, return_inverse=True)
         inv = inv.ravel()
@@ -215,6 +234,8 @@ class Vcpu:
                 commit(done, stop, slots, slot_idx)
             finally:
                 self.guest_lock.release()
+        if self.exit_reason == KVM_EXIT_DIRTY_RING_FULL:
+            vm.stats["dirty_ring_full_exits"] += 1
         self._exit_to_user()
         return stop
 

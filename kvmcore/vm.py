@@ -13,14 +13,14 @@ import attrs
 import numpy as np
 import pluggy
 
-from kvmcore import uapi
+from kvmcore import dirty_ring, uapi
 from kvmcore.errors import KvmError
 from kvmcore.geometry import LAST_LEVEL, Geometry
 from kvmcore.hostmem import lazy_zeros
 from kvmcore.memslot import Memslot, MemslotChange, bitmap_words, word_dtype
 from kvmcore.pgtable import NO_LEVEL, PTE_D, PTE_W, PageTable
 from kvmcore.stats import Stats
-from kvmcore.vcpu import Vcpu
+from kvmcore.vcpu import ArchBugError, Vcpu
 
 HOST_PAGE_SIZES = (4096, 2 << 20, 1 << 30)
 _USERSPACE_ADDR_ALIGN = 1 << 30
@@ -68,6 +68,8 @@ class Vm:
         self._slot_index: tuple[np.ndarray, list[Memslot]] | None = None
         self.vcpus: list[Vcpu] = []
         self.manual_dirty_log_protect = 0
+        self.dirty_ring_size = 0              # bytes per vCPU ring; 0: no ring
+        self.dirty_ring_with_bitmap = False
         self.arch_state: dict[str, Any] = {}  # the plugin's own per-VM state
         self._events: list[tuple[str, int, int]] = []
         self._event_users = 0
@@ -107,11 +109,19 @@ class Vm:
             uapi.KVM_CAP_READONLY_MEM: int(self.info.has_readonly_mem),
             uapi.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2: self.info.manual_dirty_log_caps,
             uapi.KVM_CAP_MULTI_ADDRESS_SPACE: self.info.nr_address_spaces,
+            uapi.KVM_CAP_DIRTY_LOG_RING: self._ring_cap(uapi.KVM_CAP_DIRTY_LOG_RING),
+            uapi.KVM_CAP_DIRTY_LOG_RING_ACQ_REL: self._ring_cap(uapi.KVM_CAP_DIRTY_LOG_RING_ACQ_REL),
         }
         if cap in generic:
             return generic[cap]
+        if cap == uapi.KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP and cap in self.info.dirty_ring_caps:
+            return 1
         result = self.hook.kvm_arch_check_extension(kvm=self, cap=cap)
         return 0 if result is None else int(result)
+
+    def _ring_cap(self, cap: int) -> int:
+        """The ring's largest size in bytes if the arch offers ``cap``, else 0."""
+        return dirty_ring.MAX_RING_BYTES if cap in self.info.dirty_ring_caps else 0
 
     @property
     def capabilities(self) -> dict[str, int]:
@@ -133,10 +143,57 @@ class Vm:
                                              f"args[0] {args[0]:#x}; allowed bits are {allowed:#x}")
             self.manual_dirty_log_protect = args[0]
             return 0
+        if cap in (uapi.KVM_CAP_DIRTY_LOG_RING, uapi.KVM_CAP_DIRTY_LOG_RING_ACQ_REL):
+            if not self.check_extension(cap):
+                raise KvmError(errno.EINVAL, f"arch {self.info.name!r} has no dirty ring capability {cap}")
+            self._enable_dirty_log_ring(args[0] & 0xFFFFFFFF)
+            return 0
+        if cap == uapi.KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP:
+            self._enable_dirty_ring_with_bitmap(flags)
+            return 0
         result = self.hook.kvm_arch_enable_cap(kvm=self, cap=cap, args=args, flags=flags)
         if result is None:
             raise KvmError(errno.EINVAL, f"capability {cap} cannot be enabled on arch {self.info.name!r}")
         return int(result)
+
+    def _enable_dirty_log_ring(self, size: int) -> None:
+        """``kvm_vm_ioctl_enable_dirty_log_ring``: checks and errno in the kernel's order.
+        ``size`` is a u32 there, so the caller passes ``args[0]`` truncated."""
+        rsvd = self.dirty_ring_rsvd_entries
+        if not size or size & (size - 1):
+            raise KvmError(errno.EINVAL, f"dirty ring size {size} is not a power of two")
+        if size < rsvd * dirty_ring.DIRTY_GFN_DTYPE.itemsize or size < self.page_size:
+            raise KvmError(errno.EINVAL, f"dirty ring size {size} is below a page ({self.page_size}) or "
+                                         f"the {rsvd} reserved entries ({rsvd * 16} bytes)")
+        if size > dirty_ring.MAX_RING_BYTES:
+            raise KvmError(errno.E2BIG, f"dirty ring size {size} is above {dirty_ring.MAX_RING_BYTES} bytes")
+        if self.dirty_ring_size:
+            raise KvmError(errno.EINVAL, f"the dirty ring is already enabled ({self.dirty_ring_size} bytes)")
+        if self.vcpus:
+            raise KvmError(errno.EINVAL, "the dirty ring must be enabled before any vCPU is created")
+        self.dirty_ring_size = size
+
+    def _enable_dirty_ring_with_bitmap(self, flags: int) -> None:
+        """``KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP`` (``kvm_vm_ioctl_enable_cap_generic``)."""
+        if uapi.KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP not in self.info.dirty_ring_caps or \
+                not self.dirty_ring_size or flags:
+            raise KvmError(errno.EINVAL, "KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP needs an arch that offers it, "
+                                         f"the ring enabled first and flags 0 (flags {flags:#x})")
+        with self.slots_lock:
+            if self._slots:  # kvm_are_all_memslots_empty
+                raise KvmError(errno.EINVAL, "KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP must be enabled before "
+                                             "any memslot exists")
+            self.dirty_ring_with_bitmap = True
+
+    @property
+    def dirty_ring_rsvd_entries(self) -> int:
+        """``kvm_dirty_ring_get_rsvd_entries``: 64 plus the arch's ``kvm_cpu_dirty_log_size``."""
+        return dirty_ring.rsvd_entries(int(self.hook.kvm_cpu_dirty_log_size(kvm=self) or 0))
+
+    @property
+    def use_dirty_bitmap(self) -> bool:
+        """``kvm_use_dirty_bitmap``: no ring, or ring and bitmap together."""
+        return not self.dirty_ring_size or self.dirty_ring_with_bitmap
 
     @property
     def manual_protect(self) -> bool:
@@ -232,6 +289,8 @@ class Vm:
                 new.dirty_bitmap = None
             elif old is not None and old.dirty_bitmap is not None:
                 new.dirty_bitmap = old.dirty_bitmap
+            elif not self.use_dirty_bitmap:
+                new.dirty_bitmap = None
             else:
                 bitmap = np.zeros(bitmap_words(new.npages, self.bits_per_long), word_dtype(self.bits_per_long))
                 if self.initially_all_set:
@@ -273,6 +332,10 @@ class Vm:
             raise KvmError(errno.ENOENT, f"slot {slot} does not exist")
         return ms
 
+    def id_to_memslot(self, as_id: int, slot_id: int) -> Memslot | None:
+        """``id_to_memslot``: the memslot with this address space and id, or None."""
+        return self._slots.get((as_id, slot_id))
+
     def memory(self, slot: int) -> np.ndarray:
         """The host view of a slot's memory (uint8); host writes are not logged."""
         return self.memslot(slot).memory
@@ -298,11 +361,22 @@ class Vm:
     # -- marking pages dirty -------------------------------------------------------
 
     def mark_page_dirty_in_slot(self, slot: Memslot, gfn: int, vcpu: Vcpu | None = None) -> None:
-        """``mark_page_dirty_in_slot``: log a write to ``gfn`` if the slot logs."""
+        """``mark_page_dirty_in_slot``: log a write to ``gfn`` if the slot logs.
+
+        ``vcpu`` is the running vCPU (``kvm_get_running_vcpu``), None for a write KVM
+        makes on its own.  With a dirty ring and a running vCPU the page goes to that
+        vCPU's ring, else to the slot's bitmap if it has one, else nowhere.
+        """
+        if vcpu is not None and vcpu.vm is not self:
+            raise ArchBugError(f"mark_page_dirty_in_slot with a vCPU of another VM ({vcpu!r})")
         if slot is None or not slot.dirty_track_enabled:
             return
         self.stats["mark_page_dirty_calls"] += 1
+        if self.dirty_ring_size and vcpu is not None:
+            self._ring_push(vcpu, slot, np.array([gfn - slot.base_gfn], np.uint64))
+            return
         if slot.dirty_bitmap is None:
+            self.stats["dirty_marks_dropped"] += 1
             return
         rel = gfn - slot.base_gfn
         bpl = self.bits_per_long
@@ -315,10 +389,16 @@ class Vm:
 
     def mark_pages_dirty_in_slot(self, slot: Memslot, gfns: np.ndarray, vcpu: Vcpu | None = None) -> None:
         """:meth:`mark_page_dirty_in_slot` for many gfns at once, in order."""
+        if vcpu is not None and vcpu.vm is not self:
+            raise ArchBugError(f"mark_pages_dirty_in_slot with a vCPU of another VM ({vcpu!r})")
         if slot is None or not slot.dirty_track_enabled or not len(gfns):
             return
         self.stats["mark_page_dirty_calls"] += len(gfns)
+        if self.dirty_ring_size and vcpu is not None:
+            self._ring_push(vcpu, slot, np.asarray(gfns, np.int64) - slot.base_gfn)
+            return
         if slot.dirty_bitmap is None:
+            self.stats["dirty_marks_dropped"] += len(gfns)
             return
         rel = np.asarray(gfns, np.int64) - slot.base_gfn
         bpl = self.bits_per_long
@@ -330,6 +410,14 @@ class Vm:
             np.bitwise_or.at(slot.dirty_bitmap, words, bits)
             after = int(np.bitwise_count(slot.dirty_bitmap[np.unique(words)]).sum())
         self.stats["pages_dirtied"] += after - before
+
+    def _ring_push(self, vcpu: Vcpu, slot: Memslot, offsets: np.ndarray) -> None:
+        """``kvm_dirty_ring_push``; a soft-full ring makes the vCPU exit
+        (``KVM_REQ_DIRTY_RING_SOFT_FULL``, then ``KVM_EXIT_DIRTY_RING_FULL``)."""
+        if vcpu.dirty_ring.push(slot.slot, offsets):
+            vcpu.request_exit(uapi.KVM_EXIT_DIRTY_RING_FULL)
+        self.stats["dirty_ring_pushes"] += len(offsets)
+        self.stats["pages_dirtied"] += len(offsets)
 
     def mark_page_dirty(self, gfn: int) -> None:
         """``mark_page_dirty``: by guest frame number, in address space 0."""
@@ -354,6 +442,7 @@ class Vm:
     # -- the dirty-log ioctls --------------------------------------------------------
 
     def _logging_slot(self, slot: int) -> Memslot:
+        self._check_use_dirty_bitmap("KVM_GET_DIRTY_LOG")
         as_id, slot_id = self._decode_slot(int(slot))
         ms = self._slots.get((as_id, slot_id))
         if ms is None or ms.dirty_bitmap is None:
@@ -396,6 +485,7 @@ class Vm:
             self._clear_dirty_log(int(slot), int(first_page), int(num_pages), bitmap)
 
     def _clear_dirty_log(self, slot: int, first_page: int, num_pages: int, bitmap: Any) -> None:
+        self._check_use_dirty_bitmap("KVM_CLEAR_DIRTY_LOG")
         as_id, slot_id = self._decode_slot(slot)
         if first_page & 63:
             raise KvmError(errno.EINVAL, f"first_page {first_page} is not a multiple of 64")
@@ -430,17 +520,42 @@ class Vm:
             self.flush_remote_tlbs_memslot(ms)
         self.stats["dirty_log_clears"] += 1
 
+    def _check_use_dirty_bitmap(self, ioctl: str) -> None:
+        if not self.use_dirty_bitmap:
+            raise KvmError(errno.ENXIO, f"{ioctl}: this VM logs to a dirty ring only, it has no bitmaps")
+
     def _protect_words(self, ms: Memslot, words: np.ndarray, masks: np.ndarray) -> None:
         """Call the arch's protect hook for each non-zero word (batched if it can)."""
-        if not len(words):
+        self.enable_log_dirty_pt_masked(ms, words.astype(np.int64) * self.bits_per_long, masks)
+
+    def enable_log_dirty_pt_masked(self, ms: Memslot, gfn_offsets: np.ndarray, masks: np.ndarray) -> None:
+        """``kvm_arch_mmu_enable_log_dirty_pt_masked`` for each ``(gfn_offsets[i], masks[i])``:
+        the arch's per-word hook, or its batched hook if it has one.  The offsets are
+        word-aligned for GET/CLEAR, arbitrary for a ring reset.  Caller holds the MMU lock."""
+        if not len(gfn_offsets):
             return
-        offsets = words.astype(np.int64) * self.bits_per_long
-        self.stats["protect_hook_calls"] += len(words)
+        self.stats["protect_hook_calls"] += len(gfn_offsets)
         if self.hook.kvm_mmu_write_protect_pt_masked_batch.get_hookimpls():
-            self.hook.kvm_mmu_write_protect_pt_masked_batch(kvm=self, slot=ms, gfn_offsets=offsets, masks=masks)
+            self.hook.kvm_mmu_write_protect_pt_masked_batch(kvm=self, slot=ms, gfn_offsets=gfn_offsets,
+                                                             masks=masks)
             return
-        for off, mask in zip(offsets.tolist(), masks.tolist()):
+        for off, mask in zip(gfn_offsets.tolist(), masks.tolist()):
             self.hook.kvm_mmu_write_protect_pt_masked(kvm=self, slot=ms, gfn_offset=off, mask=mask)
+
+    def reset_dirty_rings(self) -> int:
+        """``KVM_RESET_DIRTY_RINGS`` (``kvm_vm_ioctl_reset_dirty_pages``): reset every
+        vCPU's harvested entries under ``slots_lock``, then flush the whole VM's TLBs
+        if any entry was reset.  Returns how many entries were reset (invalid ones too)."""
+        if not self.dirty_ring_size:
+            raise KvmError(errno.EINVAL, "KVM_RESET_DIRTY_RINGS: the dirty ring is not enabled")
+        cleared = 0
+        with self.slots_lock:
+            for vcpu in self.vcpus:
+                cleared = vcpu.dirty_ring.reset(self, cleared)
+        if cleared:
+            self.flush_remote_tlbs()
+        self.stats["dirty_ring_resets"] += cleared
+        return cleared
 
     # -- TLB maintenance -----------------------------------------------------------
 

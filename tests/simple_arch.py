@@ -18,17 +18,27 @@ from kvmcore.pgtable import PTE_D, PTE_W, PTE_VALID, WALK_LEAF
 class SimpleArch:
     __name__ = "simple"
 
-    def __init__(self, flush: bool = True, protect: bool = True, bits_per_long: int = 64) -> None:
+    X86_RING_CAPS = frozenset({kvmcore.KVM_CAP_DIRTY_LOG_RING, kvmcore.KVM_CAP_DIRTY_LOG_RING_ACQ_REL})
+    ARM64_RING_CAPS = frozenset({kvmcore.KVM_CAP_DIRTY_LOG_RING_ACQ_REL, kvmcore.KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP})
+
+    def __init__(self, flush: bool = True, protect: bool = True, bits_per_long: int = 64,
+                 ring_caps=X86_RING_CAPS, cpu_dirty_log_size: int = 0) -> None:
         self.flush = flush
         self.protect = protect
         self.bpl = bits_per_long
+        self.ring_caps = frozenset(ring_caps)
+        self.cpu_dirty_log = cpu_dirty_log_size
 
     @hookimpl
     def kvm_arch_info(self):
         return kvmcore.ArchInfo(name="simple", description="core test stand-in", bits_per_long=self.bpl,
                                 nr_address_spaces=2, user_mem_slots=512,
                                 manual_dirty_log_caps=kvmcore.KVM_DIRTY_LOG_MANUAL_CAPS,
-                                options={"ipa_bits": 40})
+                                dirty_ring_caps=self.ring_caps, options={"ipa_bits": 40})
+
+    @hookimpl
+    def kvm_cpu_dirty_log_size(self, kvm):
+        return self.cpu_dirty_log
 
     @hookimpl
     def kvm_arch_geometry(self, options):

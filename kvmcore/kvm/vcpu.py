@@ -21,6 +21,7 @@ import numpy as np
 from kvmcore import uapi
 from kvmcore.errors import KvmError
 from kvmcore.kvm import guest
+from kvmcore.kvm.dirty_ring import MappedDirtyRing
 from kvmcore.kvm.hostmem import HostMemory
 from kvmcore.kvm.ioctls import (
     KVM_CREATE_VCPU,
@@ -77,6 +78,7 @@ class RealVcpu:
         cpuid: Any,
         mmap_size: int,
         with_stats: bool,
+        dirty_ring_size: int = 0,
     ) -> None:
         self.id = vcpu_id
         self._layout = layout
@@ -90,6 +92,7 @@ class RealVcpu:
         self._completed = False
         self._stale = False  # guest stopped mid-command: complete and reload state first
         self._stats: StatsFile | None = None
+        self.dirty_ring: MappedDirtyRing | None = None
         self._teardown = contextlib.ExitStack()
         self._finalizer = weakref.finalize(self, self._teardown.close)
         try:
@@ -100,6 +103,9 @@ class RealVcpu:
             except OSError as exc:
                 raise KvmError(exc.errno, f"mmap of struct kvm_run for vcpu {vcpu_id}: {exc.strerror}") from None
             self._teardown.callback(self._run.close)
+            if dirty_ring_size:
+                self.dirty_ring = MappedDirtyRing(self._fd, dirty_ring_size, guest.PAGE_SIZE)
+                self._teardown.callback(self.dirty_ring.close)
             kvm_ioctl(self._fd, KVM_SET_CPUID2, cpuid, "KVM_SET_CPUID2", "the host's supported CPUID")
             self._load_state()
             if with_stats:
@@ -150,6 +156,16 @@ class RealVcpu:
     def stats(self) -> dict[str, int]:
         """This vCPU's binary stats by kernel name ({} without KVM_CAP_BINARY_STATS_FD)."""
         return self._stats.read() if self._stats is not None and not self.closed else {}
+
+    def harvest_dirty_ring(self) -> np.ndarray:
+        """Collect this vCPU's dirty ring from the mapping: ``(slot, offset)`` of each
+        entry the kernel pushed since the last harvest, in order, each marked RESET
+        for the next ``vm.reset_dirty_rings()``."""
+        self._check_open()
+        if self.dirty_ring is None:
+            raise KvmError(errno.EINVAL, f"vcpu {self.id} has no dirty ring: enable KVM_CAP_DIRTY_LOG_RING "
+                                         "before creating vCPUs")
+        return self.dirty_ring.harvest()
 
     def _load_state(self) -> None:
         """KVM_SET_SREGS + KVM_SET_REGS: long mode, CPL 3, at the top of the program."""

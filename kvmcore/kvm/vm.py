@@ -98,6 +98,7 @@ class RealVm:
         self._lock = threading.Lock()  # the slot table and each GET/CLEAR against it
         self._slots: dict[int, _Slot] = {}
         self._vcpus: list[RealVcpu] = []
+        self.dirty_ring_size = 0  # bytes per vCPU ring, once KVM_CAP_DIRTY_LOG_RING is enabled
         self._stats: StatsFile | None = None
         self._teardown = contextlib.ExitStack()
         self._finalizer = weakref.finalize(self, self._teardown.close)
@@ -275,16 +276,23 @@ class RealVm:
     # --- dirty logging -----------------------------------------------------------------
 
     def enable_cap(self, cap: int, *args: int) -> int:
-        """``KVM_ENABLE_CAP`` on the VM fd with ``args`` in ``args[0..3]`` and flags 0."""
+        """``KVM_ENABLE_CAP`` on the VM fd with ``args`` in ``args[0..3]`` and flags 0.
+
+        Enabling ``KVM_CAP_DIRTY_LOG_RING`` (or ``_ACQ_REL``) records the ring size
+        (``args[0]`` as the kernel's u32) so each later vCPU maps its ring.
+        """
         self._check_open()
         if len(args) > 4:
             raise ValueError("struct kvm_enable_cap has 4 args")
         req = kvm_enable_cap(cap=_uint("cap", cap, _U32_MAX), flags=0)
         for i, arg in enumerate(args):
             req.args[i] = _uint(f"args[{i}]", arg, _U64_MAX)
-        return kvm_ioctl(
+        result = kvm_ioctl(
             self._fd, KVM_ENABLE_CAP, req, "KVM_ENABLE_CAP", f"cap {cap} args {list(args)}"
         )
+        if cap in (uapi.KVM_CAP_DIRTY_LOG_RING, uapi.KVM_CAP_DIRTY_LOG_RING_ACQ_REL):
+            self.dirty_ring_size = req.args[0] & _U32_MAX
+        return result
 
     def get_dirty_log(self, slot: int) -> np.ndarray:
         """``KVM_GET_DIRTY_LOG``: ``ceil(npages/64)`` uint64 words, bit ``i%64`` of word ``i//64`` = page i.
@@ -333,7 +341,8 @@ class RealVm:
             )
 
     def reset_dirty_rings(self) -> int:
-        """``KVM_RESET_DIRTY_RINGS``: how many dirty-ring entries the kernel reset."""
+        """``KVM_RESET_DIRTY_RINGS``: the kernel resets the entries harvested (RESET) in
+        every vCPU's ring, re-protects their pages and returns how many it reset."""
         self._check_open()
         return kvm_ioctl(self._fd, KVM_RESET_DIRTY_RINGS, 0, "KVM_RESET_DIRTY_RINGS", "vm")
 
@@ -358,6 +367,7 @@ class RealVm:
             self._cpuid,
             self._mmap_size,
             self._has_stats,
+            self.dirty_ring_size,
         )
         self._vcpus.append(vcpu)
         return vcpu
