@@ -76,6 +76,22 @@ def kvm_arch_handle_stage2_fault(kvm: Vm, vcpu: Vcpu, slot: Memslot, gfn: int, w
 
 
 @hookspec(firstresult=True)
+def kvm_arch_handle_stage2_faults_batch(kvm: Vm, vcpu: Vcpu, slot: Memslot, gfns: np.ndarray,
+                                        write: bool) -> int:
+    """Optional.  :func:`kvm_arch_handle_stage2_fault` for runs of faults: the fast path.
+
+    Resolve the faults on ``gfns[0]``, ``gfns[1]``, ... (distinct gfns of ``slot``) in
+    this order, exactly as the per-fault hook would, for as long as each resolution
+    maps nothing but its own page (the dirty-logging case: 4K pages, made writable
+    one by one); return how many were resolved.  The core handles the rest one at a
+    time, so returning 0 is always correct.  Page tables, dirty log, statistics and
+    TLB maintenance must end as the per-fault hook would leave them (the conformance
+    kit checks it).  The core batches only where no access between the faults can
+    tell: no dirty ring, and no stale cached translation on the vCPU.
+    """
+
+
+@hookspec(firstresult=True)
 def kvm_mmu_wp_memory_region(kvm: Vm, slot: Memslot) -> None:
     """*Required.* Write-protect every mapping of ``slot`` and flush (``kvm_mmu_wp_memory_region``
     on arm/arm64, ``kvm_mmu_slot_remove_write_access`` + memslot flush on x86)."""

@@ -119,6 +119,15 @@ class Leaves:
         return (self.pte & PTE_D) != 0
 
 
+def distinct(values: np.ndarray) -> list[int]:
+    """The distinct values of a small-range array (levels, slot indices), ascending:
+    ``np.unique`` without its sort in the common case of one value."""
+    if not len(values):
+        return []
+    lo, hi = int(values.min()), int(values.max())
+    return [lo] if lo == hi else np.unique(values).tolist()
+
+
 def _pte_leaf(gfn: int, prot: int) -> int:
     return (gfn << PTE_ADDR_SHIFT) | (prot & ((1 << PTE_ADDR_SHIFT) - 1)) | PTE_VALID
 
@@ -240,24 +249,32 @@ class PageTable:
         n = len(gfns)
         out = Leaves(np.full(n, NO_LEVEL, np.int16), np.zeros(n, np.uint64),
                      np.full(n, -1, np.int64), np.full(n, -1, np.int64), np.full(n, -1, np.int64))
-        act = np.nonzero((gfns >= 0) & (gfns < self.geometry.max_gfn))[0]
-        rows = np.zeros(len(act), np.int64)
+        inside = (gfns >= 0) & (gfns < self.geometry.max_gfn)
+        act = None if inside.all() else np.flatnonzero(inside)   # None: every gfn
+        g = gfns if act is None else gfns[act]
+        rows = np.zeros(len(g), np.int64)
+        both = np.uint64(PTE_VALID | PTE_TABLE)
         for li, (sh, nent) in enumerate(zip(self._gshift, self._nent)):
-            if not len(act):
+            if not len(g):
                 break
-            idx = (gfns[act] >> sh) & (nent - 1)
-            e = self._tabs[li][rows, idx]
-            valid = (e & PTE_VALID) != 0
-            table = valid & ((e & PTE_TABLE) != 0) & (self._levels[li] < LAST_LEVEL)
+            idx = (g >> sh) & (nent - 1)
+            e = self._tabs[li].reshape(-1)[rows * nent + idx]
+            level = self._levels[li]
+            table = (e & both) == both if level < LAST_LEVEL else np.zeros(len(e), bool)
+            if table.all():
+                rows = (e >> np.uint64(PTE_ADDR_SHIFT)).astype(np.int64)
+                continue
             stop = ~table
-            where = act[stop]
-            out.level[where] = np.where(valid[stop], self._levels[li], NO_LEVEL)
-            out.pte[where] = e[stop]
+            where = np.flatnonzero(stop) if act is None else act[stop]
+            es = e[stop]
+            out.level[where] = np.where((es & np.uint64(PTE_VALID)) != 0, level, NO_LEVEL)
+            out.pte[where] = es
             out.li[where] = li
             out.row[where] = rows[stop]
             out.idx[where] = idx[stop]
-            act = act[table]
-            rows = (e[table] >> PTE_ADDR_SHIFT).astype(np.int64)
+            act = np.flatnonzero(table) if act is None else act[table]
+            g = g[table]
+            rows = (e[table] >> np.uint64(PTE_ADDR_SHIFT)).astype(np.int64)
         return out
 
     # -- the walker ----------------------------------------------------------------
@@ -349,6 +366,46 @@ class PageTable:
         self._bump("pages_mapped" if level == LAST_LEVEL else "blocks_mapped")
         return broken
 
+    def map_pages(self, gfns: np.ndarray, prot: int, tlbi: Tlbi) -> None:
+        """:meth:`map` at the last level for many distinct gfns at once.
+
+        Missing tables are allocated (one Python step per table, not per page); a gfn
+        under a block goes through :meth:`map`, with its break-before-make.  The
+        result is that of calling :meth:`map` for each gfn in turn.
+        """
+        gfns = np.asarray(gfns, np.int64)
+        last = len(self._levels) - 1
+        while len(gfns):
+            leaves = self.lookup(gfns)
+            under_block = leaves.valid & (leaves.li < last)
+            for gfn in gfns[under_block].tolist():
+                self.map(gfn, LAST_LEVEL, prot, tlbi)
+            gfns, leaves = gfns[~under_block], _take(leaves, ~under_block)
+            missing = leaves.li < last
+            if not missing.any():
+                break
+            for li in distinct(leaves.li[missing]):
+                m = missing & (leaves.li == li)
+                keys = np.unique(leaves.row[m] * self._nent[li] + leaves.idx[m])
+                for row, idx in zip((keys // self._nent[li]).tolist(), (keys % self._nent[li]).tolist()):
+                    child = self._alloc_table(li + 1, self.entry_gfn(li, row, idx))
+                    self.set_entry(li, row, idx, (child << PTE_ADDR_SHIFT) | PTE_TABLE | PTE_VALID)
+        if not len(gfns):
+            return
+        tab = self._tabs[last]
+        old = tab[leaves.row, leaves.idx]
+        new = (gfns.astype(np.uint64) << np.uint64(PTE_ADDR_SHIFT)) | np.uint64((prot & 0xFFF) | PTE_VALID)
+        tab[leaves.row, leaves.idx] = new
+        self._bump("pages_mapped", len(gfns))
+        valid = (old & np.uint64(PTE_VALID)) != 0
+        lost = valid & (((old & ~new & np.uint64(PTE_PERM_MASK)) != 0) |
+                        ((old >> np.uint64(PTE_ADDR_SHIFT)) != (new >> np.uint64(PTE_ADDR_SHIFT))))
+        if lost.any():
+            self._report_runs(gfns[lost], 1)
+        unprotected = valid & ((old & np.uint64(PTE_W)) != 0) & ((new & np.uint64(PTE_W)) == 0)
+        self._bump("leaves_write_protected", int(unprotected.sum()))
+        self._bump("pages_write_protected", int(unprotected.sum()))
+
     def split(self, gfn: int, tlbi: Tlbi, to_level: int = LAST_LEVEL) -> int:
         """Split the block holding ``gfn`` into leaves of ``to_level`` (``kvm_pgtable_stage2_split``).
 
@@ -427,7 +484,7 @@ class PageTable:
         if not sel.any():
             return 0
         changed = 0
-        for li in np.unique(leaves.li[sel]).tolist():
+        for li in distinct(leaves.li[sel]):
             m = sel & (leaves.li == li)
             key = np.unique(leaves.row[m] * self._nent[li] + leaves.idx[m])
             rows, idx = key // self._nent[li], key % self._nent[li]
@@ -486,7 +543,7 @@ class PageTable:
     def set_bits(self, gfns: np.ndarray, bits: int) -> None:
         """Set ``bits`` on the valid leaves mapping ``gfns`` (hardware setting D/A bits)."""
         leaves = self.lookup(gfns)
-        for li in np.unique(leaves.li[leaves.valid]).tolist():
+        for li in distinct(leaves.li[leaves.valid]):
             m = leaves.valid & (leaves.li == li)
             self._tabs[li][leaves.row[m], leaves.idx[m]] |= np.uint64(bits)
 
@@ -504,3 +561,7 @@ class PageTable:
             levels.append(np.full(len(r), level, np.int16))
             ptes.append(ents[r, i])
         return np.concatenate(firsts), np.concatenate(levels), np.concatenate(ptes)
+
+
+def _take(leaves: Leaves, sel: np.ndarray) -> Leaves:
+    return Leaves(leaves.level[sel], leaves.pte[sel], leaves.li[sel], leaves.row[sel], leaves.idx[sel])

@@ -67,6 +67,12 @@ class Tlb:
         if arr is not None:
             arr[max(lo, 0):min(hi, slot.npages)] = 0
 
+    def invalidate_pages(self, slot: Memslot, offsets: np.ndarray) -> None:
+        """Drop cached entries for these page offsets of ``slot``."""
+        arr = self._entries.get(slot)
+        if arr is not None:
+            arr[offsets] = 0
+
     def forget(self, slot: Memslot) -> None:
         """The slot is gone (deleted or moved, after its flush)."""
         self._entries.pop(slot, None)

@@ -22,7 +22,7 @@ import numpy as np
 from kvmcore.dirty_ring import DirtyRing
 from kvmcore.errors import KvmError
 from kvmcore.geometry import LAST_LEVEL
-from kvmcore.pgtable import NO_LEVEL, PTE_D, PTE_VALID, PTE_W
+from kvmcore.pgtable import NO_LEVEL, PTE_D, PTE_VALID, PTE_W, distinct
 from kvmcore.tlb import TLB_INVALID, TLB_READ, TLB_WRITE, TLB_WRITE_DIRTY, Tlb
 from kvmcore.uapi import KVM_EXIT_DIRTY_RING_FULL, KVM_EXIT_MMIO
 
@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 
 FAST, SET_DIRTY, FAULT = 0, 1, 2
 MAX_FAULT_RETRIES = 4
+MAX_BATCH = 1 << 16
 
 
 class ArchBugError(RuntimeError):
@@ -89,7 +90,7 @@ class Vcpu:
                     ms = slots[slot_idx[i]]
                     ms.memory.view(np.uint64)[(int(gpas[i]) - (ms.base_gfn << vm.page_shift)) >> 3] = values[i]
                 return
-            for k in np.unique(slot_idx[a:b]).tolist():
+            for k in distinct(slot_idx[a:b]):
                 sel = np.nonzero(slot_idx[a:b] == k)[0] + a
                 ms = slots[k]
                 offs = (gpas[sel] - (ms.base_gfn << vm.page_shift)) >> 3
@@ -149,114 +150,94 @@ class Vcpu:
              commit: Callable[[int, int, list, np.ndarray], None]) -> int:
         """Execute accesses to ``gfns`` in order; returns how many completed."""
         vm = self.vm
-        n = len(gfns)
         self.exit_reason = None
         self._pending_exit = None
-        if not n:
+        if not len(gfns):
             return 0
         if self.dirty_ring is not None and self.dirty_ring.soft_full:
             # kvm_dirty_ring_check_request: no guest entry until a reset makes room.
             self.exit_reason = KVM_EXIT_DIRTY_RING_FULL
             vm.stats["dirty_ring_full_exits"] += 1
             return 0
-        uniq, inv = np.unique(gfns, return_inverse=True)
-        inv = inv.ravel()
-        uslot, slots = vm.slots_for(uniq)
-        slot_idx = uslot[inv]
-        bad = uslot < 0
-        if write:
-            ro = np.array([s.readonly for s in slots] + [False])
-            bad |= ro[uslot]
-        stop = n
-        if bad.any():
-            stop = int(np.argmax(bad[inv]))
-            self.exit_reason = KVM_EXIT_MMIO
-        order = np.argsort(inv, kind="stable")
-        keys = inv[order].astype(np.int64) * n + order
-
-        def next_use(us: np.ndarray, pos: int) -> np.ndarray:
-            """The first access at or after ``pos`` to each page ``us``."""
-            at = np.searchsorted(keys, us.astype(np.int64) * n + pos)
-            found = (at < n) & (keys[np.minimum(at, n - 1)] // n == us)
-            return np.where(found, keys[np.minimum(at, n - 1)] % n, n)
-
+        run = _AccessRun(self, gfns, write, commit)
         with vm.event_cursor() as events:
             self.guest_lock.acquire()
             try:
-                cls, tlb_only = self._classify(uniq, uslot, slots, write)
-                firsts = np.full(len(uniq), n, np.int64)
-                np.minimum.at(firsts, inv, np.arange(n, dtype=np.int64))
-                initial = np.sort(firsts[cls != FAST])
-                heap: list[int] = []
-                pos, done = 0, 0
-                tlb_only_set = set(np.nonzero(tlb_only)[0].tolist())
-                retries: dict[int, int] = {}
-                while True:
-                    if heap and (pos >= len(initial) or heap[0] <= initial[pos]):
-                        i = heapq.heappop(heap)
-                    elif pos < len(initial):
-                        i = int(initial[pos])
-                        pos += 1
-                    else:
-                        break
-                    if i >= stop:
-                        break
-                    u = int(inv[i])
-                    ms = slots[uslot[u]]
-                    kind, via_tlb_only = self._classify_one(int(uniq[u]), ms, write)
+                run.classify()
+                while (i := run.next_candidate()) is not None:
+                    u = int(run.inv[i])
+                    ms = run.slots[run.uslot[u]]
+                    kind, via_tlb_only = self._classify_one(int(run.uniq[u]), ms, write)
                     if via_tlb_only:
-                        tlb_only_set.add(u)
+                        run.tlb_only.add(u)
                     if kind == FAST:
                         continue
-                    self._fill(uniq, done, i, uslot, inv, slots, write)
-                    commit(done, i, slots, slot_idx)
-                    done = i
+                    batch = run.gather(i, kind)
+                    run.commit_until(i)
                     self.guest_lock.release()
                     try:
-                        self._exit_to_kvm(ms, int(uniq[u]), kind, write, retries, i)
+                        if len(batch) > 1:
+                            self._exit_to_kvm_batch(ms, run.uniq[run.inv[batch]], kind, write, run.retries, i)
+                        else:
+                            self._exit_to_kvm(ms, int(run.uniq[u]), kind, write, run.retries, i)
                     finally:
                         self.guest_lock.acquire()
                     if self._pending_exit is not None:
-                        stop = i
+                        run.stop = i
                         self.exit_reason = self._pending_exit
                         break
-                    heapq.heappush(heap, i)
-                    for ev, lo, hi in events.new():
-                        a, b = np.searchsorted(uniq, [lo, hi])
-                        us = np.arange(a, b, dtype=np.int64)
-                        if ev == "tlb":
-                            us = np.array(sorted(tlb_only_set.intersection(us.tolist())), np.int64)
-                            tlb_only_set.difference_update(us.tolist())
-                        for j in next_use(us, i + 1).tolist():
-                            if j < n:
-                                heapq.heappush(heap, j)
-                self._fill(uniq, done, stop, uslot, inv, slots, write)
-                commit(done, stop, slots, slot_idx)
+                    run.after_exit(batch, events.new())
+                run.commit_until(run.stop)
             finally:
                 self.guest_lock.release()
         if self.exit_reason == KVM_EXIT_DIRTY_RING_FULL:
             vm.stats["dirty_ring_full_exits"] += 1
         self._exit_to_user()
-        return stop
+        return run.stop
 
-    def _exit_to_kvm(self, ms: Memslot, gfn: int, kind: int, write: bool, retries: dict[int, int],
+    def _exit_to_kvm(self, ms: Memslot, gfn: int, kind: int, write: bool, retries: dict[int, tuple[int, int]],
                      i: int) -> None:
         """Handle one access that needs KVM (or the hardware's D-bit update)."""
         vm = self.vm
         if kind == SET_DIRTY:
-            vm.pgtable.set_bits(np.array([gfn]), PTE_D)
-            vm.stats["hw_dirty_bits_set"] += 1
-            vm.hook.kvm_arch_hw_set_dirty(kvm=vm, vcpu=self, slot=ms, gfns=np.array([gfn], np.int64))
+            self._set_dirty(ms, np.array([gfn], np.int64))
             return
-        retries[i] = retries.get(i, 0) + 1
-        if retries[i] > MAX_FAULT_RETRIES:
+        # A fault on a leaf that is not what the last handling of this access left
+        # means another thread changed it meanwhile: not the arch's failure.
+        tries, left = retries.get(i, (0, -1))
+        tries = tries + 1 if vm.pgtable.leaf(gfn).pte == left else 1
+        if tries > MAX_FAULT_RETRIES:
             raise ArchBugError(f"arch {vm.arch!r}: a {'write' if write else 'read'} fault on gfn {gfn:#x} "
                                f"is still not resolved after {MAX_FAULT_RETRIES} tries")
-        if retries[i] > 1:
+        if i in retries:
             vm.stats["fault_retries"] += 1
         vm.stats["write_faults" if write else "read_faults"] += 1
         with vm.mmu_lock:
             vm.hook.kvm_arch_handle_stage2_fault(kvm=vm, vcpu=self, slot=ms, gfn=gfn, write=write)
+            retries[i] = (tries, vm.pgtable.leaf(gfn).pte)
+
+    def _exit_to_kvm_batch(self, ms: Memslot, gfns: np.ndarray, kind: int, write: bool,
+                           retries: dict[int, tuple[int, int]], first: int) -> None:
+        """Handle a run of accesses that each need KVM in one call (see
+        :meth:`_AccessRun.gather`); faults the arch will not take in bulk go one by one."""
+        vm = self.vm
+        gfns = gfns.astype(np.int64)
+        if kind == SET_DIRTY:
+            self._set_dirty(ms, gfns)
+            return
+        with vm.mmu_lock:
+            done = int(vm.hook.kvm_arch_handle_stage2_faults_batch(kvm=vm, vcpu=self, slot=ms, gfns=gfns,
+                                                                   write=write) or 0)
+        vm.stats["write_faults" if write else "read_faults"] += done
+        if not done:
+            self._exit_to_kvm(ms, int(gfns[0]), kind, write, retries, first)
+
+    def _set_dirty(self, ms: Memslot, gfns: np.ndarray) -> None:
+        """The hardware sets the D bit of the leaves mapping ``gfns``, in order."""
+        vm = self.vm
+        vm.pgtable.set_bits(gfns, PTE_D)
+        vm.stats["hw_dirty_bits_set"] += len(gfns)
+        vm.hook.kvm_arch_hw_set_dirty(kvm=vm, vcpu=self, slot=ms, gfns=gfns)
 
     def _exit_to_user(self) -> None:
         self.vm.stats["vcpu_exits"] += 1
@@ -264,7 +245,7 @@ class Vcpu:
 
     def _tlb_states(self, uniq: np.ndarray, uslot: np.ndarray, slots: list[Memslot]) -> np.ndarray:
         states = np.zeros(len(uniq), np.uint8)
-        for k in np.unique(uslot[uslot >= 0]).tolist():
+        for k in distinct(uslot[uslot >= 0]):
             m = uslot == k
             states[m] = self.tlb.states(slots[k], uniq[m] - slots[k].base_gfn)
         return states
@@ -309,7 +290,9 @@ class Vcpu:
             for u in set(inv[a:b].tolist()):
                 self._fill_one(int(uniq[u]), slots[uslot[u]], write)
             return
-        us = np.unique(inv[a:b])
+        seen = np.zeros(len(uniq), bool)
+        seen[inv[a:b]] = True
+        us = np.flatnonzero(seen)
         pages, pslot = uniq[us], uslot[us]
         cached = self._tlb_states(pages, pslot, slots)
         missing = (cached != TLB_WRITE_DIRTY) if write else (cached == TLB_INVALID)
@@ -321,7 +304,7 @@ class Vcpu:
                          np.where((leaves.pte & np.uint64(PTE_D)) != 0, TLB_WRITE_DIRTY, TLB_WRITE)).astype(np.uint8)
         valid = leaves.level != NO_LEVEL
         page_leaf = valid & (leaves.level == LAST_LEVEL)
-        for k in np.unique(pslot).tolist():
+        for k in distinct(pslot):
             ms = slots[k]
             m = page_leaf & (pslot == k)
             self.tlb.fill(ms, pages[m] - ms.base_gfn, state[m])
@@ -349,3 +332,131 @@ class Vcpu:
             return
         state = TLB_READ if not leaf.pte & PTE_W else TLB_WRITE_DIRTY if leaf.pte & PTE_D else TLB_WRITE
         self.tlb.fill_range(ms, leaf.base_gfn - ms.base_gfn, leaf.base_gfn + leaf.pages - ms.base_gfn, state)
+
+
+class _AccessRun:
+    """The state of one batch of accesses while a vCPU executes it.
+
+    Accesses are indexed 0..n-1 in program order.  ``candidates`` are the accesses
+    that may need KVM: the first access to each page that was not FAST when the run
+    was classified, plus later accesses to pages whose mappings or cached
+    translations changed since.  Accesses before ``done`` have completed.
+    """
+
+    def __init__(self, vcpu: Vcpu, gfns: np.ndarray, write: bool,
+                 commit: Callable[[int, int, list, np.ndarray], None]) -> None:
+        self.vcpu = vcpu
+        self.write = write
+        self._commit = commit
+        self.n = n = len(gfns)
+        if n > 1 and (np.diff(gfns) > 0).all():  # already distinct and ascending: a sweep
+            self.uniq, self.inv = gfns, np.arange(n)
+        else:
+            self.uniq, inv = np.unique(gfns, return_inverse=True)
+            self.inv = inv.ravel()
+        self.uslot, self.slots = vcpu.vm.slots_for(self.uniq)
+        self.slot_idx = self.uslot[self.inv]
+        bad = self.uslot < 0
+        if write:
+            bad |= np.array([s.readonly for s in self.slots] + [False])[self.uslot]
+        self.stop = n
+        if bad.any():
+            self.stop = int(np.argmax(bad[self.inv]))
+            vcpu.exit_reason = KVM_EXIT_MMIO
+        order = self.inv if self.uniq is gfns else np.argsort(self.inv, kind="stable")
+        self._keys = self.inv[order].astype(np.int64) * n + order
+        self.done = 0
+        self.retries: dict[int, tuple[int, int]] = {}
+        self.tlb_only: set[int] = set()
+        self._heap: list[int] = []
+        self._initial = np.zeros(0, np.int64)
+        self._pos = 0
+
+    def classify(self) -> None:
+        """Classify every page once; later changes mark pages ``_stale`` to look at again."""
+        self._cls, tlb_only = self.vcpu._classify(self.uniq, self.uslot, self.slots, self.write)
+        self._stale = np.zeros(len(self.uniq), bool)
+        firsts = self._keys[np.searchsorted(self._keys, np.arange(len(self.uniq), dtype=np.int64) * self.n)] % self.n
+        initial = firsts[self._cls != FAST]
+        self._initial = initial if (np.diff(initial) >= 0).all() else np.sort(initial)
+        self.tlb_only = set(np.nonzero(tlb_only)[0].tolist())
+
+    def _classes(self, us: np.ndarray) -> np.ndarray:
+        """The current class of pages ``us``, classifying again only the stale ones."""
+        stale = us[self._stale[us]]
+        if len(stale):
+            self._cls[stale], _ = self.vcpu._classify(self.uniq[stale], self.uslot[stale], self.slots, self.write)
+            self._stale[stale] = False
+        return self._cls[us]
+
+    def next_candidate(self) -> int | None:
+        heap, initial = self._heap, self._initial
+        if heap and (self._pos >= len(initial) or heap[0] <= initial[self._pos]):
+            i = heapq.heappop(heap)
+        elif self._pos < len(initial):
+            i = int(initial[self._pos])
+            self._pos += 1
+        else:
+            return None
+        return i if i < self.stop else None
+
+    def next_use(self, us: np.ndarray, pos: int) -> np.ndarray:
+        """The first access at or after ``pos`` to each page ``us`` (``n`` if none)."""
+        n, keys = self.n, self._keys
+        at = np.searchsorted(keys, us.astype(np.int64) * n + pos)
+        hit = keys[np.minimum(at, n - 1)]
+        return np.where((at < n) & (hit // n == us), hit % n, n)
+
+    def gather(self, i: int, kind: int) -> np.ndarray:
+        """Access ``i`` and the candidates after it that KVM can take in the same call.
+
+        They must be first accesses to distinct pages of the same slot, of the same
+        kind now, with nothing else pending before the last of them; faults batch only
+        where the arch has the batched fault hook, no dirty ring needs exits between
+        them, and no stale cached translation could be invalidated under them.
+        """
+        vm = self.vcpu.vm
+        one = np.array([i], np.int64)
+        if self.vcpu.dirty_ring is not None or self._pos >= len(self._initial):
+            return one
+        if kind == FAULT and (self.tlb_only or
+                              not vm.hook.kvm_arch_handle_stage2_faults_batch.get_hookimpls()):
+            return one
+        limit = min(self._heap[0] if self._heap else self.n, self.stop)
+        more = self._initial[self._pos:self._pos + MAX_BATCH]
+        more = more[more < limit]
+        us = self.inv[more]
+        ok = (self.uslot[us] == self.uslot[self.inv[i]]) & (self._classes(us) == kind)
+        take = len(ok) if ok.all() else int(np.argmin(ok))
+        self._pos += take
+        return np.concatenate([one, more[:take]])
+
+    def commit_until(self, i: int) -> None:
+        """Complete accesses ``[done, i)``: cache their translations, store their data."""
+        self.vcpu._fill(self.uniq, self.done, i, self.uslot, self.inv, self.slots, self.write)
+        self._commit(self.done, i, self.slots, self.slot_idx)
+        self.done = max(self.done, i)
+
+    def after_exit(self, batch: np.ndarray, events: list[tuple[str, int, int]]) -> None:
+        """Queue what must be looked at again after KVM ran: the accesses just handled
+        (their retry), and later accesses to pages whose translations were restricted."""
+        first = int(batch[0])
+        if len(batch) == 1:
+            heapq.heappush(self._heap, first)
+            self._stale[self.inv[first]] = True
+        else:
+            us = self.inv[batch]
+            self._stale[us] = True
+            for j in batch[self._classes(us) != FAST].tolist():
+                heapq.heappush(self._heap, j)
+        for kind, lo, hi in events:
+            if kind == "tlb":
+                us = np.array(sorted(u for u in self.tlb_only if lo <= self.uniq[u] < hi), np.int64)
+                self.tlb_only.difference_update(us.tolist())
+            else:
+                a, b = np.searchsorted(self.uniq, [lo, hi])
+                us = np.arange(a, b, dtype=np.int64)
+            self._stale[us] = True
+            for j in self.next_use(us, first + 1).tolist():
+                if j < self.n:
+                    heapq.heappush(self._heap, j)

@@ -155,3 +155,31 @@ def test_installed_archs_each_build_a_vm():
         assert vm.page_size == vm.geometry.page_size
         assert vm.bits_per_long in (32, 64)
         assert vm.stats["page_tables"] == vm.geometry.concatenated_tables
+
+
+def test_batched_faults_give_what_one_fault_at_a_time_gives():
+    """The core hands runs of faults to the batched hook; tables, stats, log and memory
+    must be those of handling each fault in turn (including pages under blocks)."""
+    from simple_arch import SimpleArchFastFaults
+
+    results = []
+    for plugin in (SimpleArch(), SimpleArchFastFaults()):
+        vm = kvmcore.create_vm(plugin)
+        base = 3 * MIB2 - 7 * 4096
+        vm.set_user_memory_region(0, base, 3000 * 4096, 0, host_page_size=MIB2)
+        vcpu = vm.create_vcpu(0)
+        vcpu.write_many(page_gpas(vm, base, range(0, 3000, 3)), 1)
+        vm.set_user_memory_region(0, base, 3000 * 4096, LOG)
+        rng = np.random.default_rng(5)
+        bitmaps = []
+        for value in range(4):
+            offsets = rng.integers(0, 3000, 2000)
+            vcpu.write_many(page_gpas(vm, base, offsets, byte=8 * value), value)
+            vcpu.read(base + int(offsets[0]) * 4096, 64)
+            bitmaps.append(vm.get_dirty_log(0))
+        results.append((vm.pgtable.mapped_leaves(), dict(vm.stats), bitmaps, vm.memory(0).copy()))
+    (l0, s0, b0, m0), (l1, s1, b1, m1) = results
+    assert s0 == s1
+    assert all((x == y).all() for x, y in zip(b0, b1))
+    assert all((x == y).all() for x, y in zip(l0, l1))
+    assert (m0 == m1).all()
