@@ -30,7 +30,10 @@ def get_plugin_manager(arch: str | ModuleType | Any) -> pluggy.PluginManager:
     if isinstance(arch, str):
         if arch not in available_archs():
             raise ValueError(f"unknown arch {arch!r}; available: {', '.join(available_archs()) or 'none'}")
-        pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP, name=arch)
+        try:
+            pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP, name=arch)
+        except ImportError as exc:
+            raise ValueError(f"arch {arch!r} is installed but its plugin does not import: {exc}") from exc
     else:
         pm.register(arch)
     pm.check_pending()

@@ -239,7 +239,7 @@ class RealVcpu:
                 f"reach: [0, {guest.PRIVATE_BASE:#x})"
             )
 
-    def write_many(self, gpas: Any, value: int) -> int:
+    def write_many(self, gpas: Any, value: int = 0) -> int:
         """Guest stores of u64 ``value`` at each 8-byte aligned GPA, in order.
 
         Returns how many stores completed: all of them, or the index of the store at

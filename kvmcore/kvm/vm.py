@@ -155,6 +155,11 @@ class RealVm:
     def _check_extension(self, cap: int) -> int:
         return kvm_ioctl(self._fd, KVM_CHECK_EXTENSION, cap, "KVM_CHECK_EXTENSION", f"cap {cap}")
 
+    def check_extension(self, cap: int) -> int:
+        """``KVM_CHECK_EXTENSION`` on the VM fd, as the model's ``check_extension``."""
+        self._check_open()
+        return self._check_extension(cap)
+
     def _cpuid_has_gbpages(self) -> bool:
         entries = self._cpuid.entries[: self._cpuid.nent]
         return any(
@@ -275,8 +280,8 @@ class RealVm:
 
     # --- dirty logging -----------------------------------------------------------------
 
-    def enable_cap(self, cap: int, *args: int) -> int:
-        """``KVM_ENABLE_CAP`` on the VM fd with ``args`` in ``args[0..3]`` and flags 0.
+    def enable_cap(self, cap: int, *args: int, flags: int = 0) -> int:
+        """``KVM_ENABLE_CAP`` on the VM fd with ``args`` in ``args[0..3]``.
 
         Enabling ``KVM_CAP_DIRTY_LOG_RING`` (or ``_ACQ_REL``) records the ring size
         (``args[0]`` as the kernel's u32) so each later vCPU maps its ring.
@@ -284,7 +289,7 @@ class RealVm:
         self._check_open()
         if len(args) > 4:
             raise ValueError("struct kvm_enable_cap has 4 args")
-        req = kvm_enable_cap(cap=_uint("cap", cap, _U32_MAX), flags=0)
+        req = kvm_enable_cap(cap=_uint("cap", cap, _U32_MAX), flags=_uint("flags", flags, _U32_MAX))
         for i, arg in enumerate(args):
             req.args[i] = _uint(f"args[{i}]", arg, _U64_MAX)
         result = kvm_ioctl(
@@ -348,7 +353,7 @@ class RealVm:
 
     # --- vCPUs and stats ---------------------------------------------------------------
 
-    def create_vcpu(self, vcpu_id: int) -> RealVcpu:
+    def create_vcpu(self, vcpu_id: int = 0) -> RealVcpu:
         """``KVM_CREATE_VCPU`` plus long-mode setup; the vCPU gets its own guest window."""
         self._check_open()
         window = len(self._vcpus)
