@@ -82,8 +82,9 @@ def kvm_arch_handle_stage2_faults_batch(kvm: Vm, vcpu: Vcpu, slot: Memslot, gfns
 
     Resolve the faults on ``gfns[0]``, ``gfns[1]``, ... (distinct gfns of ``slot``) in
     this order, exactly as the per-fault hook would, for as long as each resolution
-    maps nothing but its own page (the dirty-logging case: 4K pages, made writable
-    one by one); return how many were resolved.  The core handles the rest one at a
+    maps nothing but its own page and leaves its retried access nothing more to do
+    (the dirty-logging case: 4K pages made writable, and dirty, one by one); return
+    how many were resolved.  The core handles the rest one at a
     time, so returning 0 is always correct.  Page tables, dirty log, statistics and
     TLB maintenance must end as the per-fault hook would leave them (the conformance
     kit checks it).  The core batches only where no access between the faults can

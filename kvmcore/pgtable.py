@@ -7,7 +7,8 @@ visitors on leaf / table-pre / table-post entries, and vectorised counterparts f
 hot paths (:meth:`PageTable.lookup`, :meth:`PageTable.clear_bits_ranges`).
 
 The engine does no TLB maintenance of its own: it tells its owner (the VM) whenever
-a mapping loses a permission (``on_restrict``), and break-before-make callers pass the
+a mapping loses a permission (``on_restrict``) or gains one (``on_grant``), and
+break-before-make callers pass the
 TLB invalidation they want to pay for (``tlbi``).  An arch plugin that forgets to flush
 therefore leaves stale TLB entries behind, which is what the model is for.
 """
@@ -139,13 +140,16 @@ class PageTable:
     :param on_restrict: called with ``(start_gfn, end_gfn)`` whenever a leaf in that
         range loses VALID, W or D, or is replaced; the VM uses it to know which cached
         translations a vCPU may no longer trust.
+    :param on_grant: called with ``(start_gfn, end_gfn)`` whenever a leaf in that range
+        gains VALID, W or D: accesses that needed KVM may no longer need it.
     :param stats: a counter the engine adds ``page_tables`` and friends to.
     """
 
     def __init__(self, geometry: Geometry, on_restrict: Callable[[int, int], None] | None = None,
-                 stats: dict | None = None) -> None:
+                 stats: dict | None = None, on_grant: Callable[[int, int], None] | None = None) -> None:
         self.geometry = geometry
         self.on_restrict = on_restrict or (lambda start, end: None)
+        self.on_grant = on_grant or (lambda start, end: None)
         self.stats = stats if stats is not None else {}
         g = geometry
         self._levels = list(range(g.start_level, LAST_LEVEL + 1))
@@ -211,9 +215,13 @@ class PageTable:
         if old == new:
             return
         tab[row, idx] = new
+        level = self._levels[li]
+        if new & PTE_VALID and not (new & PTE_TABLE and level < LAST_LEVEL) and \
+                (~old & new & PTE_PERM_MASK or old >> PTE_ADDR_SHIFT != new >> PTE_ADDR_SHIFT):
+            start = self.entry_gfn(li, row, idx)
+            self.on_grant(start, start + (1 << self._gshift[li]))
         if not old & PTE_VALID:
             return
-        level = self._levels[li]
         old_table = bool(old & PTE_TABLE) and level < LAST_LEVEL
         new_table = bool(new & PTE_TABLE) and level < LAST_LEVEL and bool(new & PTE_VALID)
         same_output = (old >> PTE_ADDR_SHIFT) == (new >> PTE_ADDR_SHIFT) and old_table == new_table
@@ -221,7 +229,7 @@ class PageTable:
         if not same_output or (not old_table and lost):
             start = self.entry_gfn(li, row, idx)
             self.on_restrict(start, start + (1 << self._gshift[li]))
-        if not old_table and old & PTE_W and not (new & PTE_W and same_output):
+        if not old_table and old & PTE_W and new & PTE_VALID and not new_table and not new & PTE_W:
             self._bump("leaves_write_protected")
             self._bump("pages_write_protected", 1 << self._gshift[li])
 
@@ -397,6 +405,7 @@ class PageTable:
         new = (gfns.astype(np.uint64) << np.uint64(PTE_ADDR_SHIFT)) | np.uint64((prot & 0xFFF) | PTE_VALID)
         tab[leaves.row, leaves.idx] = new
         self._bump("pages_mapped", len(gfns))
+        self._report_runs(gfns, 1, self.on_grant)
         valid = (old & np.uint64(PTE_VALID)) != 0
         lost = valid & (((old & ~new & np.uint64(PTE_PERM_MASK)) != 0) |
                         ((old >> np.uint64(PTE_ADDR_SHIFT)) != (new >> np.uint64(PTE_ADDR_SHIFT))))
@@ -406,21 +415,25 @@ class PageTable:
         self._bump("leaves_write_protected", int(unprotected.sum()))
         self._bump("pages_write_protected", int(unprotected.sum()))
 
-    def split(self, gfn: int, tlbi: Tlbi, to_level: int = LAST_LEVEL) -> int:
+    def split(self, gfn: int, tlbi: Tlbi, to_level: int = LAST_LEVEL, bbm: bool = True) -> int:
         """Split the block holding ``gfn`` into leaves of ``to_level`` (``kvm_pgtable_stage2_split``).
 
-        The new leaves keep the block's permissions; the block entry is replaced with
-        break-before-make (``tlbi`` on the old block).  Returns how many blocks were
-        split (0 if ``gfn`` is not under a block above ``to_level``).
+        The new leaves keep the block's permissions.  With ``bbm`` the block entry is
+        replaced with break-before-make (invalid, ``tlbi`` on the old block, then the
+        table), as ARM requires; without it the table replaces the block in one step,
+        as x86's ``tdp_mmu_split_huge_page`` does.  Returns how many blocks were split
+        (0 if ``gfn`` is not under a block above ``to_level``).
         """
         leaf = self.leaf(gfn)
         if leaf.level == NO_LEVEL or leaf.level >= to_level:
             return 0
         li, row, idx = leaf.li, leaf.row, leaf.idx
         prot = leaf.pte & ((1 << PTE_ADDR_SHIFT) - 1) & ~PTE_TABLE
-        self.set_entry(li, row, idx, 0)
-        tlbi(leaf.base_gfn, leaf.level)
+        if bbm:
+            self.set_entry(li, row, idx, 0)
+            tlbi(leaf.base_gfn, leaf.level)
         table = self._build(li + 1, leaf.base_gfn, prot, self._levels.index(to_level))
+        self.on_grant(leaf.base_gfn, leaf.base_gfn + leaf.pages)
         self.set_entry(li, row, idx, (table << PTE_ADDR_SHIFT) | PTE_TABLE | PTE_VALID)
         self._bump("huge_pages_split")
         return 1
@@ -501,14 +514,16 @@ class PageTable:
             self._report_runs(first, pages)
         return changed
 
-    def _report_runs(self, first: np.ndarray, pages: int) -> None:
-        """Tell the owner about restricted leaves, merged into contiguous runs."""
+    def _report_runs(self, first: np.ndarray, pages: int, report: Callable[[int, int], None] | None = None) -> None:
+        """Tell the owner about changed leaves (restricted, unless ``report`` says
+        otherwise), merged into contiguous runs."""
+        report = report or self.on_restrict
         first = np.sort(first)
         breaks = np.nonzero(np.diff(first) != pages)[0]
         lo = np.concatenate(([0], breaks + 1))
         hi = np.concatenate((breaks, [len(first) - 1]))
         for a, b in zip(first[lo].tolist(), first[hi].tolist()):
-            self.on_restrict(a, b + pages)
+            report(a, b + pages)
 
     def wrprotect_range(self, start_gfn: int, end_gfn: int) -> int:
         """Write-protect every leaf overlapping ``[start_gfn, end_gfn)``, scanning only
@@ -546,6 +561,8 @@ class PageTable:
         for li in distinct(leaves.li[leaves.valid]):
             m = leaves.valid & (leaves.li == li)
             self._tabs[li][leaves.row[m], leaves.idx[m]] |= np.uint64(bits)
+            first = self._base[li][leaves.row[m]] + (leaves.idx[m] << self._gshift[li])
+            self._report_runs(np.unique(first), 1 << self._gshift[li], self.on_grant)
 
     def mapped_leaves(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Every valid leaf as ``(first_gfn, level, pte)`` arrays: for checks and reports."""

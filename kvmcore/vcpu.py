@@ -393,6 +393,8 @@ class _AccessRun:
         heap, initial = self._heap, self._initial
         if heap and (self._pos >= len(initial) or heap[0] <= initial[self._pos]):
             i = heapq.heappop(heap)
+            if self._pos < len(initial) and initial[self._pos] == i:
+                self._pos += 1  # queued twice: from the start and again after a change
         elif self._pos < len(initial):
             i = int(initial[self._pos])
             self._pos += 1
@@ -424,7 +426,7 @@ class _AccessRun:
             return one
         limit = min(self._heap[0] if self._heap else self.n, self.stop)
         more = self._initial[self._pos:self._pos + MAX_BATCH]
-        more = more[more < limit]
+        more = more[(more < limit) & (more > i)]
         us = self.inv[more]
         ok = (self.uslot[us] == self.uslot[self.inv[i]]) & (self._classes(us) == kind)
         take = len(ok) if ok.all() else int(np.argmin(ok))
@@ -450,6 +452,10 @@ class _AccessRun:
             for j in batch[self._classes(us) != FAST].tolist():
                 heapq.heappush(self._heap, j)
         for kind, lo, hi in events:
+            if kind == "grant":  # may need KVM no more: look again before batching
+                a, b = np.searchsorted(self.uniq, [lo, hi])
+                self._stale[a:b] = True
+                continue
             if kind == "tlb":
                 us = np.array(sorted(u for u in self.tlb_only if lo <= self.uniq[u] < hi), np.int64)
                 self.tlb_only.difference_update(us.tolist())

@@ -60,7 +60,8 @@ class Vm:
         if self.geometry.bits_per_long != self.info.bits_per_long:
             raise ValueError(f"arch {self.info.name!r}: geometry and info disagree on BITS_PER_LONG")
         self.stats = Stats()
-        self.pgtable = PageTable(self.geometry, on_restrict=self._on_restrict, stats=self.stats)
+        self.pgtable = PageTable(self.geometry, on_restrict=self._on_restrict, stats=self.stats,
+                                 on_grant=self._on_grant)
         self.mmu_lock = threading.RLock()     # KVM_MMU_LOCK
         self.slots_lock = threading.RLock()   # kvm->slots_lock
         self._bitmap_lock = threading.Lock()  # stands for the atomic bitops on bitmap words
@@ -207,18 +208,21 @@ class Vm:
     # -- memslots ------------------------------------------------------------------
 
     def set_user_memory_region(self, slot: int, guest_phys_addr: int, memory_size: int, flags: int = 0,
-                               host_page_size: int | None = None) -> None:
+                               host_page_size: int | None = None, userspace_addr: int | None = None) -> None:
         """``KVM_SET_USER_MEMORY_REGION``: create, move, change flags of, or delete a slot.
 
         Checks and errno in the order of ``kvm_set_memory_region``.  ``memory_size``
         0 deletes.  ``host_page_size`` says how the host backs the memory (4K, 2M, 1G),
-        which bounds the blocks the arch may map.
+        which bounds the blocks the arch may map.  ``userspace_addr`` is the host
+        virtual address the model pretends the memory is at (default: 1 GiB aligned);
+        huge mappings need it congruent with the gpa, as in the kernel.
         """
         with self.slots_lock:
             self._set_memory_region(int(slot), int(guest_phys_addr), int(memory_size), int(flags),
-                                    host_page_size)
+                                    host_page_size, userspace_addr)
 
-    def _set_memory_region(self, slot: int, gpa: int, size: int, flags: int, host_page_size: int | None) -> None:
+    def _set_memory_region(self, slot: int, gpa: int, size: int, flags: int, host_page_size: int | None,
+                           uaddr: int | None) -> None:
         valid_flags = uapi.KVM_MEM_LOG_DIRTY_PAGES
         if self.info.has_readonly_mem:
             valid_flags |= uapi.KVM_MEM_READONLY
@@ -229,6 +233,8 @@ class Vm:
             raise KvmError(errno.EINVAL, f"memory_size {size:#x} is not a multiple of the page size")
         if gpa & (self.page_size - 1):
             raise KvmError(errno.EINVAL, f"guest_phys_addr {gpa:#x} is not page aligned")
+        if uaddr is not None and (uaddr & (self.page_size - 1) or not 0 <= uaddr < 1 << 64):
+            raise KvmError(errno.EINVAL, f"userspace_addr {uaddr:#x} is not a page-aligned address")
         if gpa < 0 or size < 0 or gpa + size >= 1 << 64:
             raise KvmError(errno.EINVAL, "guest_phys_addr + memory_size overflows")
         npages = size >> self.page_shift
@@ -248,7 +254,8 @@ class Vm:
         else:
             if npages != old.npages:
                 raise KvmError(errno.EINVAL, f"slot {slot}: memory_size cannot change ({old.npages} pages)")
-            if host_page_size is not None and host_page_size != old.host_page_size:
+            if (host_page_size is not None and host_page_size != old.host_page_size) or \
+                    (uaddr is not None and uaddr != old.userspace_addr):
                 raise KvmError(errno.EINVAL, f"slot {slot}: host memory (userspace_addr) cannot change")
             if (flags ^ old.flags) & uapi.KVM_MEM_READONLY:
                 raise KvmError(errno.EINVAL, f"slot {slot}: KVM_MEM_READONLY cannot be toggled")
@@ -267,7 +274,7 @@ class Vm:
         if change is MemslotChange.CREATE:
             hps = host_page_size or 4096
             new = Memslot(id=slot_id, as_id=as_id, base_gfn=base_gfn, npages=npages, flags=flags,
-                          userspace_addr=next(self._next_uaddr) * _USERSPACE_ADDR_ALIGN * 64,
+                          userspace_addr=next(self._next_uaddr) * _USERSPACE_ADDR_ALIGN * 64 if uaddr is None else uaddr,
                           host_page_size=hps, memory=lazy_zeros(npages << self.page_shift))
         else:
             new = attrs.evolve(old, base_gfn=base_gfn, flags=flags)
@@ -575,15 +582,17 @@ class Vm:
         """``kvm_flush_remote_tlbs_memslot``."""
         self.flush_remote_tlbs_range(slot.base_gfn, slot.npages)
 
-    def tlb_flush_all(self, kind: str = "full") -> None:
+    def tlb_flush_all(self, kind: str = "full", count: int = 1) -> None:
         """Invalidate every vCPU's TLB (for the arch's flush hooks).  Each vCPU is kicked
-        out of guest mode first, as the kernel's request + IPI does."""
+        out of guest mode first, as the kernel's request + IPI does.  ``count``: how many
+        such flushes back to back this stands for (a batched fault path); the TLBs are
+        invalidated once, the counters add ``count``."""
         for vcpu in self.vcpus:
             with vcpu.guest_lock:
                 vcpu.tlb.invalidate_all()
         self._event("tlb", 0, self.geometry.max_gfn)
-        self.stats["tlb_flushes"] += 1
-        self.stats["tlb_flushes_" + kind] += 1
+        self.stats["tlb_flushes"] += count
+        self.stats["tlb_flushes_" + kind] += count
 
     def tlb_flush_range(self, gfn: int, nr_pages: int, kind: str = "range") -> None:
         """Invalidate the entries of ``[gfn, gfn + nr_pages)`` on every vCPU."""
@@ -627,6 +636,9 @@ class Vm:
 
     def _on_restrict(self, start: int, end: int) -> None:
         self._event("pt", start, end)
+
+    def _on_grant(self, start: int, end: int) -> None:
+        self._event("grant", start, end)
 
     def _event(self, kind: str, start: int, end: int) -> None:
         if self._event_users:

@@ -41,6 +41,15 @@ def test_memslot_errors(vm):
     assert [s.slot for s in vm.memslots] == [0]
 
 
+def test_userspace_addr_must_be_page_aligned_and_cannot_change(vm):
+    ps = vm.page_size
+    raises(errno.EINVAL, vm.set_user_memory_region, 1, 1 << 30, ps, userspace_addr=(1 << 40) + 8)
+    vm.set_user_memory_region(1, 1 << 30, ps, userspace_addr=(1 << 40) + ps)
+    assert vm.memslot(1).userspace_addr == (1 << 40) + ps
+    raises(errno.EINVAL, vm.set_user_memory_region, 1, 1 << 30, ps, LOG, userspace_addr=1 << 40)
+    vm.set_user_memory_region(1, 1 << 30, ps, LOG)
+
+
 def test_flags_are_checked_before_overlap(vm):
     raises(errno.EINVAL, vm.set_user_memory_region, 1, 0, vm.page_size, 1 << 7)
 

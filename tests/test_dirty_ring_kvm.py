@@ -22,6 +22,8 @@ from kvmcore.kvm import kvm_available
 from simple_arch import SimpleArch
 from test_dirty_ring import ENABLE_CASES
 
+pytestmark = pytest.mark.arch("x86")  # the real kernel is an x86 host
+
 LOG = kvmcore.KVM_MEM_LOG_DIRTY_PAGES
 RING = kvmcore.KVM_CAP_DIRTY_LOG_RING
 FULL = kvmcore.KVM_EXIT_DIRTY_RING_FULL

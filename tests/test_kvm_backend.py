@@ -17,6 +17,8 @@ from kvmcore import uapi
 from kvmcore.errors import KvmError
 from kvmcore.kvm import kvm_available, open_vm, system
 
+pytestmark = pytest.mark.arch("x86")  # the real kernel is an x86 host
+
 LOG = uapi.KVM_MEM_LOG_DIRTY_PAGES
 PROTECT2 = uapi.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2
 ENABLE = uapi.KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE

@@ -1,0 +1,165 @@
+"""The model against the real kernel, side by side in one process, printed as ratios.
+
+    python benchmarks/bench_dirty_log.py                # x86 model vs /dev/kvm, and arm/arm64
+    python benchmarks/bench_dirty_log.py --quick        # smaller, for a smoke run
+    python benchmarks/bench_dirty_log.py --json out.json
+
+A ratio is model time / kernel time (below 1.0: the model is faster), or for
+throughputs model rate / kernel rate.  Where ``/dev/kvm`` cannot be used, the kernel
+column is empty and the figures recorded in docs/benchmarks.md are the reference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+import kvmcore
+from kvmcore.uapi import (KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE,
+                          KVM_MEM_LOG_DIRTY_PAGES)
+
+GIB = 1 << 30
+BASE = 1 << 32
+
+
+def median_time(fn: Callable[[], object], repeat: int) -> float:
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def kernel_available() -> tuple[bool, str]:
+    try:
+        from kvmcore.kvm import kvm_available
+    except ImportError as exc:
+        return False, f"no real backend: {exc}"
+    return kvm_available()
+
+
+def make(arch: str, backend: str, manual: bool, size: int):
+    vm = kvmcore.create_vm(arch, backend=backend) if backend == "kvm" else kvmcore.create_vm(arch)
+    if manual:
+        vm.enable_cap(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE)
+    vm.set_user_memory_region(0, BASE, size, KVM_MEM_LOG_DIRTY_PAGES)
+    return vm, vm.create_vcpu(0)
+
+
+def dirty_pages(npages: int, fraction: float, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(npages, size=max(1, int(npages * fraction)), replace=False))
+
+
+def bench_get(arch: str, backend: str, size: int, fraction: float, repeat: int) -> float:
+    """Median seconds of KVM_GET_DIRTY_LOG (classic) with ``fraction`` of the slot dirty."""
+    vm, vcpu = make(arch, backend, False, size)
+    npages = size // vm.page_size
+    gpas = BASE + dirty_pages(npages, fraction, 1) * vm.page_size
+    times = []
+    try:
+        for _ in range(repeat):
+            vcpu.write_many(gpas, 1)
+            t = time.perf_counter()
+            vm.get_dirty_log(0)
+            times.append(time.perf_counter() - t)
+    finally:
+        vm.close()
+    return statistics.median(times)
+
+
+def bench_clear(arch: str, backend: str, size: int, fraction: float, repeat: int) -> float:
+    """Median seconds of one KVM_CLEAR_DIRTY_LOG of the whole slot (manual protect)."""
+    vm, vcpu = make(arch, backend, True, size)
+    npages = size // vm.page_size
+    gpas = BASE + dirty_pages(npages, fraction, 2) * vm.page_size
+    times = []
+    try:
+        for _ in range(repeat):
+            vcpu.write_many(gpas, 1)
+            bitmap = vm.get_dirty_log(0)
+            t = time.perf_counter()
+            vm.clear_dirty_log(0, 0, npages, bitmap)
+            times.append(time.perf_counter() - t)
+    finally:
+        vm.close()
+    return statistics.median(times)
+
+
+def bench_faulting_writes(arch: str, backend: str, pages: int) -> float:
+    """Guest stores per second to write-protected pages (each one faults and is logged)."""
+    vm, vcpu = make(arch, backend, False, pages * 4096 * 2)
+    gpas = BASE + np.arange(pages, dtype=np.int64) * vm.page_size
+    try:
+        vcpu.write_many(gpas, 1)       # map everything
+        vm.get_dirty_log(0)            # and write-protect it again
+        t = time.perf_counter()
+        done = vcpu.write_many(gpas, 2)
+        return done / (time.perf_counter() - t)
+    finally:
+        vm.close()
+
+
+def rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a 256 MiB slot and fewer repeats")
+    parser.add_argument("--archs", default="x86,arm64,arm", help="model archs to measure")
+    parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    parser.add_argument("--scale", action="store_true", help="also run the 64 GiB / 1 TiB scale checks")
+    args = parser.parse_args(argv)
+    size = (256 << 20) if args.quick else 2 * GIB
+    repeat = 3 if args.quick else 5
+    archs = [a for a in args.archs.split(",") if a in kvmcore.available_archs()]
+    have_kernel, why = kernel_available()
+    print(f"kernel: {'/dev/kvm' if have_kernel else 'unavailable: ' + why}; slot {size >> 20} MiB; "
+          f"median of {repeat}", file=sys.stderr)
+    results: dict[str, dict] = {}
+    for what, fn in (("get_dirty_log", bench_get), ("clear_dirty_log", bench_clear)):
+        print(f"\n{what} (ms)     " + "".join(f"{'kernel' if a == 'kernel' else a:>10}" for a in
+                                            ["kernel"] + archs) + "   ratio (model/kernel)")
+        for fraction in (0.01, 0.10, 1.0):
+            row = {"kernel": fn("x86", "kvm", size, fraction, repeat) if have_kernel else None}
+            for arch in archs:
+                row[arch] = fn(arch, "sim", size, fraction, repeat)
+            results[f"{what}@{fraction:.0%}"] = row
+            ratios = " ".join(f"{a}={row[a] / row['kernel']:.2f}" for a in archs) if row["kernel"] else "-"
+            cells = "".join(f"{(row[k] * 1e3 if row[k] is not None else float('nan')):>10.3f}"
+                            for k in ["kernel"] + archs)
+            print(f"  {fraction:>5.0%} dirty      {cells}   {ratios}")
+    pages = 4096 if args.quick else 32768
+    print(f"\nfaulting guest writes ({pages} write-protected pages), writes/s")
+    row = {"kernel": bench_faulting_writes("x86", "kvm", pages) if have_kernel else None}
+    for arch in archs:
+        row[arch] = bench_faulting_writes(arch, "sim", pages)
+    results["faulting_writes_per_s"] = row
+    for k, v in row.items():
+        ratio = f"  ratio {v / row['kernel']:.2f}" if row["kernel"] and k != "kernel" else ""
+        print(f"  {k:>8}: {v:>12,.0f}{ratio}" if v else f"  {k:>8}: -")
+    if args.scale:
+        arch = archs[0]
+        vm, vcpu = make(arch, "sim", False, 64 * GIB)
+        npages = 64 * GIB // vm.page_size
+        vcpu.write_many(BASE + dirty_pages(npages, 0.01, 3) * vm.page_size, 1)
+        t = median_time(lambda: vm.get_dirty_log(0), 1)
+        results["scale_64g_get_1pct_s"] = t
+        print(f"\n64 GiB slot, 1% dirty ({arch}): get {t * 1e3:.1f} ms, max RSS {rss_mib():.0f} MiB")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
