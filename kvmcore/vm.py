@@ -18,7 +18,7 @@ from kvmcore.errors import KvmError
 from kvmcore.geometry import LAST_LEVEL, Geometry
 from kvmcore.hostmem import lazy_zeros
 from kvmcore.memslot import Memslot, MemslotChange, bitmap_words, word_dtype
-from kvmcore.pgtable import NO_LEVEL, PTE_D, PTE_W, PageTable
+from kvmcore.pgtable import NO_LEVEL, PTE_D, PTE_W, PageTable, unique
 from kvmcore.stats import Stats
 from kvmcore.vcpu import ArchBugError, Vcpu
 
@@ -62,6 +62,7 @@ class Vm:
         self.stats = Stats()
         self.pgtable = PageTable(self.geometry, on_restrict=self._on_restrict, stats=self.stats,
                                  on_grant=self._on_grant)
+        self.pgtable.reporting = False  # until a vCPU runs (event_cursor)
         self.mmu_lock = threading.RLock()     # KVM_MMU_LOCK
         self.slots_lock = threading.RLock()   # kvm->slots_lock
         self._bitmap_lock = threading.Lock()  # stands for the atomic bitops on bitmap words
@@ -611,7 +612,7 @@ class Vm:
         Counts one flush of ``kind`` per gfn, as the per-page calls would."""
         gfns = np.asarray(gfns, np.int64)
         if len(gfns) > 1 and not (np.diff(gfns) > 0).all():
-            gfns = np.unique(gfns)
+            gfns = unique(gfns)
         if not len(gfns):
             return
         for vcpu in self.vcpus:
@@ -649,6 +650,7 @@ class Vm:
         """Follow the mapping and TLB changes made while a vCPU runs a batch of accesses."""
         with self.mmu_lock:
             self._event_users += 1
+            self.pgtable.reporting = True
         cursor = _EventCursor(self)
         try:
             yield cursor
@@ -657,6 +659,7 @@ class Vm:
                 self._event_users -= 1
                 if not self._event_users:
                     self._events.clear()
+                    self.pgtable.reporting = False
 
     # -- vCPUs and translation -------------------------------------------------------
 
