@@ -120,6 +120,17 @@ class Leaves:
         return (self.pte & PTE_D) != 0
 
 
+def _split_at(starts: np.ndarray, ends: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Cut ranges ``[starts[i], ends[i])`` at multiples of ``size``, keeping their order."""
+    pieces = (ends - 1) // size - starts // size + 1
+    if (pieces == 1).all():
+        return starts, ends
+    first = np.repeat(starts, pieces)
+    k = np.arange(int(pieces.sum())) - np.repeat(np.cumsum(pieces) - pieces, pieces)
+    lo = np.where(k == 0, first, (first // size + k) * size)
+    return lo, np.minimum(np.repeat(ends, pieces), (lo // size + 1) * size)
+
+
 def unique(values: np.ndarray) -> np.ndarray:
     """``np.unique`` of integers by sorting (numpy's hash-based unique is several
     times slower on large arrays), with no work when they are already ascending."""
@@ -389,7 +400,8 @@ class PageTable:
 
         Missing tables are allocated (one Python step per table, not per page); a gfn
         under a block goes through :meth:`map`, with its break-before-make.  The
-        result is that of calling :meth:`map` for each gfn in turn.
+        mappings and counts are those of calling :meth:`map` for each gfn in turn;
+        the rows new tables get may come in another order.
         """
         gfns = np.asarray(gfns, np.int64)
         last = len(self._levels) - 1
@@ -499,6 +511,7 @@ class PageTable:
         changed = 0
         lo = self.geometry.start_level if min_level is None else min_level
         if lo <= LAST_LEVEL <= max_level:
+            starts, ends = _split_at(starts, ends, self._nent[-1])
             changed, done = self._clear_bits_in_last_tables(starts, ends, bits)
             starts, ends = starts[~done], ends[~done]
         lens = ends - starts
@@ -508,18 +521,16 @@ class PageTable:
         return changed + self.clear_bits(gfns, bits, min_level, max_level)
 
     def _clear_bits_in_last_tables(self, starts: np.ndarray, ends: np.ndarray, bits: int) -> tuple[int, np.ndarray]:
-        """The fast case of :meth:`clear_bits_ranges`: ranges that lie in one existing
-        last-level table are cleared as runs of its row, one walk per range rather
-        than per page.  Returns the leaves changed and which ranges it took."""
+        """The fast case of :meth:`clear_bits_ranges`: ranges that each lie in one
+        last-level table span are cleared, where that table exists, as runs of its
+        row: one walk per range rather than per page.  Returns the leaves changed and
+        which ranges it took."""
         last = len(self._levels) - 1
         nent = self._nent[last]
         done = np.zeros(len(starts), bool)
-        if int((ends - starts).max()) > nent:
-            return 0, done
-        one_table = np.flatnonzero(starts // nent == (ends - 1) // nent)
-        first = self.lookup(starts[one_table])
+        first = self.lookup(starts)
         reached = first.li == last  # the walk got to the last level: its table covers the range
-        which = one_table[reached]
+        which = np.flatnonzero(reached)
         if not len(which):
             return 0, done
         done[which] = True
@@ -576,7 +587,8 @@ class PageTable:
         if not self.reporting:
             return
         report = report or self.on_restrict
-        first = np.sort(first)
+        if len(first) > 1 and not (first[1:] >= first[:-1]).all():
+            first = np.sort(first)
         breaks = np.nonzero(np.diff(first) != pages)[0]
         lo = np.concatenate(([0], breaks + 1))
         hi = np.concatenate((breaks, [len(first) - 1]))

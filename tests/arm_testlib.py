@@ -6,6 +6,7 @@ as a plain namespace, so each test can show that it notices the bug it is about.
 
 from __future__ import annotations
 
+import hashlib
 import types
 
 import numpy as np
@@ -57,6 +58,28 @@ def per_word_only(arch: str):
     return variant(arch, "per_word", kvm_mmu_write_protect_pt_masked_batch=None)
 
 
+def per_fault_only(arch: str):
+    """The arch without its batched fault hook: the core hands it one fault at a time."""
+    return variant(arch, "per_fault", kvm_arch_handle_stage2_faults_batch=None)
+
+
+def counting_fast_faults(arch: str):
+    """The arch with its batched fault hook wrapped to record ``(len(gfns), resolved)``
+    per call, in ``plugin.calls``."""
+    calls: list[tuple[int, int]] = []
+    real = MODULES[arch].kvm_arch_handle_stage2_faults_batch
+
+    @kvmcore.hookimpl
+    def kvm_arch_handle_stage2_faults_batch(kvm, vcpu, slot, gfns, write):
+        done = real(kvm=kvm, vcpu=vcpu, slot=slot, gfns=gfns, write=write)
+        calls.append((len(gfns), done))
+        return done
+
+    plugin = variant(arch, "counted", kvm_arch_handle_stage2_faults_batch=kvm_arch_handle_stage2_faults_batch)
+    plugin.calls = calls
+    return plugin
+
+
 class DirtyOracle:
     """Tracks which pages of one slot were written since the last harvest, and checks
     that ``get_dirty_log`` reports exactly those (classic mode)."""
@@ -103,6 +126,87 @@ def state(vm) -> tuple:
     firsts, levels, ptes = vm.pgtable.mapped_leaves()
     order = np.lexsort((levels, firsts))
     return firsts[order].tolist(), levels[order].tolist(), ptes[order].tolist(), dict(vm.stats)
+
+
+def fault_trace(arch, opts, plugin, host, manual, chunk, layout, ops, populate=True):
+    """Run ``ops`` on a VM of ``plugin`` (or ``arch``); after each, everything the batched
+    and per-fault hooks must agree on: the op's result, the leaves in table order (so
+    tables must be allocated in the same order), the table count and every statistic;
+    at the end, the memory of every page touched.
+
+    ``layout``: per slot, ``((level-2 blocks, pages), largest blocks, extra pages)``.
+    Slot ``i`` starts that many level-2 blocks and pages (mod the largest block) into
+    its own region of 8 largest blocks, so slots never overlap, and bases may be
+    unaligned to any block size (the host address is 1 GiB aligned, so only
+    congruent bases get blocks).  Its size is ``largest blocks * largest + extra``
+    pages.  Every slot is populated (one write per level-2 block: blocks where the
+    host backing allows them; not with ``populate=False``), then logs, before ``ops``
+    run.  ``ops`` are
+    ``(name, slot, arg)``: ``write`` (page offsets), ``sweep`` (start, length, step,
+    backwards), ``read`` (start, pages), ``log`` (on?), ``harvest`` (GET, then with
+    manual protect CLEAR from a page derived from arg), ``populate``; page offsets are
+    taken modulo the slot's size.
+    """
+    vm = kvmcore.create_vm(plugin or arch, **opts)
+    if manual:
+        vm.enable_cap(kvmcore.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, manual)
+    if chunk:
+        vm.enable_cap(kvmcore.KVM_CAP_ARM_EAGER_SPLIT_CHUNK_SIZE, vm.geometry.level_size(2))
+    geo, ps = vm.geometry, vm.page_size
+    big, pmd = geo.level_pages(min(geo.block_levels)), geo.level_pages(2)
+    slots = []
+    for i, ((blocks, pages), units, extra) in enumerate(layout):
+        base = (1 + 8 * i) * big + (blocks * pmd + pages) % big
+        npages = units * big + extra
+        vm.set_user_memory_region(i, base * ps, npages * ps, host_page_size=host)
+        slots.append((base, npages))
+    vcpu = vm.create_vcpu(0)
+    touched = [set() for _ in slots]
+    logging = [False] * len(slots)
+    out = []
+
+    def write(i, offsets, value):
+        base, npages = slots[i]
+        offsets = np.asarray(offsets, np.int64) % npages
+        touched[i].update(offsets.tolist())
+        return vcpu.write_many((base + offsets) * ps, value)
+
+    ops = [("populate", i, None) for i in range(len(slots)) if populate] + \
+        [("log", i, True) for i in range(len(slots))] + ops
+    for value, (op, i, arg) in enumerate(ops, start=1):
+        i %= len(slots)
+        base, npages = slots[i]
+        result = None
+        if op == "populate":
+            result = write(i, np.arange(0, npages, pmd), value)
+        elif op == "write":
+            result = write(i, arg, value)
+        elif op == "sweep":
+            start, length, step, backwards = arg
+            offsets = start + np.arange(length, dtype=np.int64) * step
+            result = write(i, offsets[::-1] if backwards else offsets, value)
+        elif op == "read":
+            start, n = arg[0] % npages, arg[1]
+            n = min(n, npages - start)
+            touched[i].update(range(start, start + n))
+            result = hashlib.sha1(vcpu.read((base + start) * ps, n * ps)).hexdigest()
+        elif op == "log":
+            logging[i] = arg
+            vm.set_user_memory_region(i, base * ps, npages * ps, flags=LOG if arg else 0)
+        elif op == "harvest" and logging[i]:
+            bitmap = vm.get_dirty_log(i)
+            result = bitmap.tolist()
+            if manual:
+                first = (arg % (npages // 64 + 1)) * 64
+                vm.clear_dirty_log(i, first, npages - first, bitmap[first // vm.bits_per_long:])
+        firsts, levels, ptes = vm.pgtable.mapped_leaves()   # in table order: rows allocated alike
+        tables = hashlib.sha1(firsts.tobytes() + levels.tobytes() + ptes.tobytes()).hexdigest()
+        out.append((op, result, tables, vm.pgtable.nr_tables, dict(vm.stats)))
+    for i, (base, npages) in enumerate(slots):
+        pages = np.array(sorted(touched[i]), np.int64)
+        words = vm.memory(i).view(np.uint64)[pages * (ps // 8)]
+        out.append(("memory", pages.tolist(), words.tolist()))
+    return out
 
 
 # -- hooks with the classic bugs ---------------------------------------------------------

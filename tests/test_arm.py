@@ -7,7 +7,7 @@ import pluggy
 import pytest
 
 import kvmcore
-from arm_testlib import LOG, logging_slot, variant, wp_masked_truncated
+from arm_testlib import LOG, counting_fast_faults, logging_slot, per_fault_only, variant, wp_masked_truncated
 from kvmcore import hookspecs
 from kvmcore.memslot import pages_from_bitmap
 
@@ -27,6 +27,7 @@ def test_entry_point_loads_the_module_hooks():
     assert pm.load_setuptools_entrypoints("kvmcore.arch", name="arm") == 1
     pm.check_pending()
     for name in hookspecs.REQUIRED_HOOKS + ("kvm_mmu_write_protect_pt_masked_batch",
+                                            "kvm_arch_handle_stage2_faults_batch",
                                             "kvm_arch_prepare_memory_region"):
         assert getattr(pm.hook, name).get_hookimpls(), name
     assert not pm.hook.kvm_flush_remote_tlbs_range.get_hookimpls()   # v7: no range flush
@@ -145,3 +146,41 @@ def test_truncated_addresses_lose_pages_above_4g():
             oracle.write(vcpu, np.arange(0, 64, 3))
             lost |= oracle.harvest()[0]
         assert bool(lost) == should_lose
+
+
+def test_batched_faults_count_a_whole_vmid_flush_per_rewritten_pte(vm):
+    """v7 rewrites a present pte as clear + ``TLBIALL`` + set: a batch of N writes to
+    write-protected ptes counts N whole-VMID flushes (``tlb_flush_all(count=N)``), as
+    N faults one at a time do, and no TLBI by IPA."""
+    results = []
+    counted = counting_fast_faults("arm")
+    for plugin in (counted, per_fault_only("arm")):
+        vm = kvmcore.create_vm(plugin)
+        oracle = logging_slot(vm, 5 * GiB + 8192, 300)
+        vcpu = vm.create_vcpu(0)
+        oracle.write(vcpu, np.arange(300))
+        oracle.check()
+        before = dict(vm.stats)
+        oracle.write(vcpu, np.arange(299, -1, -1))
+        oracle.check()
+        after = dict(vm.stats)
+        assert after["tlb_flushes_full"] - before["tlb_flushes_full"] == 300 + 1     # + the GET's
+        assert after["pages_mapped"] - before["pages_mapped"] == 300
+        assert after["tlb_flushes_ipa"] == after["tlb_flushes_range"] == 0
+        results.append((after, vm.pgtable.mapped_leaves()))
+    (fast, fast_leaves), (slow, slow_leaves) = results
+    assert fast == slow
+    assert all((a == b).all() for a, b in zip(fast_leaves, slow_leaves))
+    assert counted.calls == [(300, 300), (300, 300)]              # mapped, then rewritten, in bulk
+
+
+def test_tlb_flush_all_counts_count_flushes_and_invalidates(vm):
+    """``Vm.tlb_flush_all(count=N)``: one invalidation, N flushes counted."""
+    oracle = logging_slot(vm, 5 * GiB, 4)
+    vcpu = vm.create_vcpu(0)
+    oracle.write(vcpu, [0])
+    assert vcpu.tlb.state(vm.memslot(0), 0)
+    before = vm.stats["tlb_flushes"], vm.stats["tlb_flushes_full"]
+    vm.tlb_flush_all(kind="full", count=5)
+    assert (vm.stats["tlb_flushes"], vm.stats["tlb_flushes_full"]) == (before[0] + 5, before[1] + 5)
+    assert not vcpu.tlb.state(vm.memslot(0), 0)

@@ -8,7 +8,7 @@ import pytest
 
 import kvmcore
 from arch_plugins.arm64 import mmu
-from arm_testlib import LOG
+from arm_testlib import LOG, counting_fast_faults, fault_trace, per_fault_only
 from kvmcore import hookspecs
 from kvmcore.memslot import pages_from_bitmap
 
@@ -87,6 +87,7 @@ def test_info_and_defaults():
     assert pm.load_setuptools_entrypoints("kvmcore.arch", name="arm64") == 1
     pm.check_pending()
     assert pm.hook.kvm_flush_remote_tlbs_range.get_hookimpls()
+    assert pm.hook.kvm_arch_handle_stage2_faults_batch.get_hookimpls()
 
 
 # -- KVM_CAP_ARM_EAGER_SPLIT_CHUNK_SIZE ------------------------------------------------
@@ -271,3 +272,45 @@ def test_ring_vm_logs_at_4k_only_with_the_backup_bitmap(with_bitmap):
     assert vm.translate(gpa + 4096).level == (3 if with_bitmap else 2)
     assert logged == ([1, 2, 3] if with_bitmap else [1])
     assert vm.stats["huge_pages_split"] == int(with_bitmap)
+
+
+# -- the batched fault path -----------------------------------------------------------------
+
+@pytest.mark.parametrize("chunk", [0, 2 * MiB])
+@pytest.mark.parametrize("manual", [0, 1, 3])
+def test_batched_faults_on_a_1g_block_agree_with_single_faults(chunk, manual):
+    """A 1 GiB block (4K granule) populated before logging: broken by the first fault
+    under it (or split eagerly, or left writable until CLEAR under INITIALLY_SET), the
+    rest of a sweep mapped in the same batch; the batched hook and the per-fault hook
+    leave identical tables, statistics, logs and memory, and every logging fault the
+    core handed over in a run went through the batch."""
+    counted = counting_fast_faults("arm64")
+    layout = [((0, 0), 1, 600)]
+    ops = [("sweep", 0, (0, 3000, 1, False)), ("sweep", 0, (100, 600, 513, True)), ("harvest", 0, 7),
+           ("sweep", 0, (-700, 1400, 1, False)), ("read", 0, (5000, 40)), ("harvest", 0, 0),
+           ("sweep", 0, (0, 3000, 3, True))]
+    opts = {"granule": 4096}
+    fast = fault_trace("arm64", opts, counted, GiB, manual, chunk, layout, ops)
+    assert fast == fault_trace("arm64", opts, per_fault_only("arm64"), GiB, manual, chunk, layout, ops)
+    steps = [step[-1] for step in fast if step[0] != "memory"]
+    assert steps[0]["blocks_mapped"] >= 1 and any(s["huge_pages_split"] for s in steps)
+    logging_faults = steps[-1]["write_faults"] + steps[-1]["read_faults"] - steps[1]["write_faults"]
+    assert sum(done for _, done in counted.calls) == logging_faults > 0
+
+
+def test_fast_path_relaxes_permissions_by_ipa_per_page():
+    """A second sweep over write-protected pages: one ``set_bits`` and one TLBI by IPA
+    per page (``kvm_pgtable_stage2_relax_perms``), nothing mapped, all in one call."""
+    counted = counting_fast_faults("arm64")
+    vm = kvmcore.create_vm(counted)
+    vm.set_user_memory_region(0, GiB + 4096, 4096 * 4096, flags=LOG)
+    vcpu = vm.create_vcpu(0)
+    gpas = GiB + 4096 + np.arange(4096) * 4096
+    vcpu.write_many(gpas, 1)
+    vm.get_dirty_log(0)
+    before = dict(vm.stats)
+    assert vcpu.write_many(gpas, 2) == 4096
+    delta = {k: v - before[k] for k, v in vm.stats.items() if v != before[k]}
+    assert delta == {"write_faults": 4096, "tlb_flushes": 4096, "tlb_flushes_ipa": 4096, "pages_dirtied": 4096,
+                     "mark_page_dirty_calls": 4096, "vcpu_exits": 1}
+    assert counted.calls == [(4096, 4096)] * 2

@@ -13,9 +13,12 @@ from arch_plugins.arm_common import fault_supports_stage2_huge_mapping, mask_ran
 from arm_testlib import (
     CONFIGS,
     LOG,
+    counting_fast_faults,
     flush_nothing,
     flush_range_nothing,
+    fault_trace,
     logging_slot,
+    per_fault_only,
     per_word_only,
     state,
     variant,
@@ -23,7 +26,7 @@ from arm_testlib import (
     wp_masked_unclamped,
 )
 from kvmcore.memslot import Memslot, pages_from_bitmap
-from kvmcore.pgtable import PTE_W
+from kvmcore.pgtable import PTE_D, PTE_W
 
 configs = pytest.mark.parametrize("arch,opts", CONFIGS)
 
@@ -318,7 +321,7 @@ def test_a_wrong_batch_hook_is_noticed():
     @kvmcore.hookimpl
     def kvm_mmu_write_protect_pt_masked_batch(kvm, slot, gfn_offsets, masks):
         from arch_plugins.arm_common import mask_ranges as ranges
-        from kvmcore.pgtable import PTE_W
+        from kvmcore.pgtable import PTE_D, PTE_W
         starts, ends = ranges(slot.base_gfn + gfn_offsets, masks)
         kvm.pgtable.clear_bits_ranges(starts, ends, PTE_W)
 
@@ -338,3 +341,166 @@ def test_slot_beyond_ipa_space_is_efault(arch, opts):
     with pytest.raises(kvmcore.KvmError) as exc:
         vm.set_user_memory_region(0, top - vm.page_size, 2 * vm.page_size)
     assert exc.value.errno == errno.EFAULT
+
+
+# -- batched and one-at-a-time faults agree ------------------------------------------------
+
+# ((level-2 blocks, pages) of misalignment, largest blocks, extra pages): see fault_trace
+SLOT_LAYOUT = st.tuples(st.tuples(st.integers(0, 1 << 10), st.sampled_from([0, 0, 0, 1, 3, 509, 1 << 20])),
+                        st.sampled_from([0, 0, 1, 2]), st.integers(1, 2048))
+SLOT_INDEX = st.integers(0, 1)
+OFFSET = st.one_of(st.integers(0, 1 << 30), st.integers(-600, -1))   # page, mod the slot's size
+SWEEP = st.tuples(st.just("sweep"), SLOT_INDEX,
+                  st.tuples(st.one_of(st.just(0), OFFSET), st.integers(1, 1500),
+                            st.sampled_from([1, 1, 1, 2, 3, 511, 513]), st.booleans()))
+FAULT_OPS = st.lists(st.one_of(
+    st.tuples(st.just("write"), SLOT_INDEX, st.lists(OFFSET, min_size=1, max_size=16)),
+    SWEEP,
+    SWEEP,
+    st.tuples(st.just("read"), SLOT_INDEX, st.tuples(OFFSET, st.integers(1, 40))),
+    st.tuples(st.just("log"), SLOT_INDEX, st.booleans()),
+    st.tuples(st.just("harvest"), SLOT_INDEX, st.integers(0, 1 << 20)),
+    st.tuples(st.just("populate"), SLOT_INDEX, st.none()),
+), max_size=8)
+
+
+@configs
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(host=st.sampled_from([4096, 2 << 20, 1 << 30]), manual=st.sampled_from([0, 1, 3]), chunk=st.booleans(),
+       layout=st.lists(SLOT_LAYOUT, min_size=1, max_size=2), sweep=SWEEP, ops=FAULT_OPS)
+def test_batched_and_one_at_a_time_faults_agree(arch, opts, host, manual, chunk, layout, sweep, ops):
+    """The batched fault hook against the same plugin with it hidden: identical tables
+    (in table order), table count, every statistic, bitmaps, reads and memory after
+    every step, on unaligned slots populated with blocks before logging starts."""
+    if arch == "arm":
+        manual, chunk = min(manual, 1), False
+    ops = [sweep] + ops
+    fast = fault_trace(arch, opts, None, host, manual, chunk, layout, ops)
+    slow = fault_trace(arch, opts, per_fault_only(arch), host, manual, chunk, layout, ops)
+    assert fast == slow
+
+
+def _agree(arch, opts, host, manual, chunk, layout, ops, plugin=None, **kw):
+    """The trace on ``plugin`` (the real arch by default) equals it one fault at a time."""
+    fast = fault_trace(arch, opts, plugin, host, manual, chunk, layout, ops, **kw)
+    assert fast == fault_trace(arch, opts, per_fault_only(arch), host, manual, chunk, layout, ops, **kw)
+    return fast
+
+
+@configs
+def test_the_fast_path_takes_every_logging_fault_in_bulk(arch, opts):
+    """Not vacuous: on a slot of write-protected blocks, one sweep's faults (each block
+    broken by its first fault, the rest mapped, unmapped tables allocated) and then,
+    after GET, the next sweep's (write-protected pages) all go through the batched
+    hook, in a handful of calls, with the per-fault results."""
+    plugin = counting_fast_faults(arch)
+    vm = make(arch, opts)
+    pmd = vm.geometry.level_pages(2)
+    npages = 2 * pmd + 40
+    layout = [((2, 0), 0, npages)]
+    sweep = ("sweep", 0, (0, npages, 1, False))
+    ops = [sweep, ("harvest", 0, 0), sweep, ("harvest", 0, 0)]
+    out = _agree(arch, opts, 1 << 30, 0, False, layout, ops, plugin)
+    stats = [step[-1] for step in out if step[0] != "memory"]
+    populated, logging, first, _, second, _ = stats
+    assert populated["blocks_mapped"] == 2                        # the blocks exist before logging
+    assert first["huge_pages_split"] == 2
+    assert second["write_faults"] - first["write_faults"] == npages
+    assert second["write_faults"] - logging["write_faults"] == 2 * npages
+    batched = [(n, done) for n, done in plugin.calls if done]
+    assert batched == [(npages, npages)] * 2                      # one call per sweep, all resolved
+    assert second["pages_mapped"] == first["pages_mapped"] + (npages if arch == "arm" else 0)
+
+
+@configs
+def test_the_fast_path_stops_where_a_block_may_be_mapped(arch, opts):
+    """Not logging, on a block-backed slot: the 4K-only pages past the last block are
+    resolved in bulk up to the first page a block may map; that one, and what follows,
+    the core takes one at a time (same results)."""
+    plugin = counting_fast_faults(arch)
+    pmd = make(arch, opts).geometry.level_pages(2)
+    layout = [((0, 0), 0, 2 * pmd + 30)]
+    ops = [("log", 0, False), ("write", 0, [-1, -2, -3, 5, -4]), ("sweep", 0, (-10, 9, 1, False))]
+    _agree(arch, opts, 1 << 30, 0, False, layout, ops, plugin)
+    assert (5, 3) in plugin.calls                                 # three tail pages, then a block
+    assert (5, 5) in plugin.calls or (6, 6) in plugin.calls      # the rest of the tail: 4K pages
+
+
+@pytest.mark.parametrize("order", ["ascending", "descending", "scattered"])
+@configs
+def test_tables_are_allocated_in_fault_order(arch, opts, order):
+    """Faults on pages of several unmapped last-level tables allocate the tables in the
+    order the per-fault path meets them (table rows, and so ``mapped_leaves()``, follow
+    it); a batch hook that allocates them in address order is noticed by the leaves
+    alone, every statistic being the same."""
+    pmd = make(arch, opts).geometry.level_pages(2)
+    offsets = np.arange(0, 6 * pmd, pmd // 4 + 1)
+    if order == "descending":
+        offsets = offsets[::-1]
+    elif order == "scattered":
+        offsets = np.random.default_rng(1).permutation(offsets)
+    layout = [((0, 0), 0, 6 * pmd)]
+    ops = [("write", 0, offsets.tolist()), ("log", 0, False), ("write", 0, (offsets + 1).tolist())]
+    _agree(arch, opts, 4096, 0, False, layout, ops, populate=False)
+
+    @kvmcore.hookimpl
+    def address_order(kvm, vcpu, slot, gfns, write):
+        """Right but for the table order: unmapped pages while logging, in one map_pages."""
+        if not slot.is_logging or kvm.pgtable.lookup(gfns).valid.any():
+            return 0
+        kvm.pgtable.map_pages(gfns, PTE_D | (PTE_W if write else 0), tlbi=kvm.tlb_flush_ipa)
+        if write:
+            kvm.mark_pages_dirty_in_slot(slot, gfns, vcpu)
+        return len(gfns)
+
+    wrong = variant(arch, kvm_arch_handle_stage2_faults_batch=address_order)
+    ops = [("write", 0, offsets.tolist())]
+    right = fault_trace(arch, opts, per_fault_only(arch), 4096, 0, False, layout, ops, populate=False)
+    got = fault_trace(arch, opts, wrong, 4096, 0, False, layout, ops, populate=False)
+    assert [step[-1] for step in got[:-1]] == [step[-1] for step in right[:-1]]   # the same statistics
+    assert (got == right) == (order == "ascending")
+    assert right == fault_trace(arch, opts, None, 4096, 0, False, layout, ops, populate=False)
+
+
+def _prepared(arch, opts, host):
+    """A VM with a logging slot holding every kind of leaf: write-protected blocks,
+    writable and write-protected pages, unmapped pages and missing tables."""
+    vm = make(arch, opts)
+    pmd = vm.geometry.level_pages(2)
+    base, npages = 4 * pmd, 4 * pmd
+    vm.set_user_memory_region(0, base * vm.page_size, npages * vm.page_size, host_page_size=host)
+    vcpu = vm.create_vcpu(0)
+    vcpu.write_many((base + np.array([0, pmd, 3 * pmd])) * vm.page_size, 1)         # blocks (or pages)
+    vm.set_user_memory_region(0, base * vm.page_size, npages * vm.page_size, flags=LOG)
+    vcpu.write_many((base + np.arange(2 * pmd, 2 * pmd + 64)) * vm.page_size, 2)   # pages, writable
+    vm.get_dirty_log(0)                                                             # ... write-protected
+    vcpu.write_many((base + np.arange(2 * pmd + 32, 2 * pmd + 48)) * vm.page_size, 3)   # writable again
+    return vm, vcpu, vm.memslot(0)
+
+
+@configs
+@settings(max_examples=20, deadline=None)
+@given(data=st.data(), host=st.sampled_from([4096, 1 << 30]), write=st.booleans())
+def test_the_batched_hook_called_directly_is_the_per_fault_hook_in_turn(arch, opts, data, host, write):
+    """Called on any distinct pages of a logging slot, in any order, writes or reads,
+    also on pages the core never hands over (writable ptes, mapped pages for a read),
+    the batched hook resolves all of them exactly as the per-fault hook would in turn."""
+    fast_vm, fast_vcpu, fast_slot = _prepared(arch, opts, host)
+    slow_vm, slow_vcpu, slow_slot = _prepared(arch, opts, host)
+    pmd = fast_vm.geometry.level_pages(2)
+    pages = data.draw(st.lists(st.sampled_from(list(range(0, 4 * pmd, max(1, pmd // 64))) +
+                                               list(range(2 * pmd, 2 * pmd + 70))),
+                               min_size=1, max_size=200, unique=True))
+    gfns = fast_slot.base_gfn + np.array(pages, np.int64)
+    with fast_vm.mmu_lock:
+        done = fast_vm.hook.kvm_arch_handle_stage2_faults_batch(kvm=fast_vm, vcpu=fast_vcpu, slot=fast_slot,
+                                                                gfns=gfns, write=write)
+    assert done == len(gfns)                                  # a logging slot: every fault maps a page
+    with slow_vm.mmu_lock:
+        for gfn in gfns.tolist():
+            slow_vm.hook.kvm_arch_handle_stage2_fault(kvm=slow_vm, vcpu=slow_vcpu, slot=slow_slot, gfn=gfn,
+                                                      write=write)
+    assert all((a == b).all() for a, b in zip(fast_vm.pgtable.mapped_leaves(), slow_vm.pgtable.mapped_leaves()))
+    assert dict(fast_vm.stats) == dict(slow_vm.stats)
+    assert fast_vm.pgtable.nr_tables == slow_vm.pgtable.nr_tables
+    assert (fast_slot.dirty_bitmap == slow_slot.dirty_bitmap).all()

@@ -73,6 +73,13 @@ def kvm_arch_handle_stage2_fault(kvm: Vm, vcpu: Vcpu, slot: Memslot, gfn: int, w
 
 
 @hookimpl
+def kvm_arch_handle_stage2_faults_batch(kvm: Vm, vcpu: Vcpu, slot: Memslot, gfns: np.ndarray, write: bool) -> int:
+    """``kvm_handle_guest_abort`` → ``user_mem_abort``, for a run of faults (the fast path):
+    see :func:`arch_plugins.arm.mmu.user_mem_abort_batch`."""
+    return mmu.user_mem_abort_batch(kvm, vcpu, slot, gfns, write)
+
+
+@hookimpl
 def kvm_mmu_wp_memory_region(kvm: Vm, slot: Memslot) -> None:
     """``kvm_mmu_wp_memory_region``: the whole slot, then ``kvm_flush_remote_tlbs``."""
     wp_memory_region(kvm, slot)

@@ -13,9 +13,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from arch_plugins.arm_common import huge_mapping_level
+from arch_plugins.arm_common.fastpath import handle_faults_batch, map_unmapped, no_tlbi, take_leaves
 from kvmcore.geometry import LAST_LEVEL
-from kvmcore.pgtable import PTE_D, PTE_W
+from kvmcore.pgtable import PTE_D, PTE_W, Leaves
 
 if TYPE_CHECKING:
     from kvmcore.memslot import Memslot
@@ -25,9 +28,10 @@ if TYPE_CHECKING:
 PMD_LEVEL = 2  # the only block level: 2 MiB sections; KVM never maps a 1 GiB pud block
 
 
-def kvm_tlb_flush_vmid_ipa(kvm: Vm, gfn: int = 0, level: int = LAST_LEVEL) -> None:
-    """``kvm_tlb_flush_vmid_ipa``: on ARMv7 the IPA is ignored and the whole VMID goes."""
-    kvm.tlb_flush_all(kind="full")
+def kvm_tlb_flush_vmid_ipa(kvm: Vm, gfn: int = 0, level: int = LAST_LEVEL, count: int = 1) -> None:
+    """``kvm_tlb_flush_vmid_ipa``: on ARMv7 the IPA is ignored and the whole VMID goes
+    (``count`` of them back to back: the batched fault path)."""
+    kvm.tlb_flush_all(kind="full", count=count)
 
 
 def _clear_and_flush(kvm: Vm, li: int, row: int, idx: int) -> None:
@@ -80,3 +84,45 @@ def user_mem_abort(kvm: Vm, vcpu: Vcpu, slot: Memslot, gfn: int, write: bool) ->
     if writable:
         kvm.mark_page_dirty_in_slot(slot, gfn, vcpu)
     stage2_set_pte(kvm, gfn, prot, logging_active)
+
+
+def user_mem_abort_batch(kvm: Vm, vcpu: Vcpu, slot: Memslot, gfns: np.ndarray, write: bool) -> int:
+    """:func:`user_mem_abort` on ``gfns[0]``, ``gfns[1]``, ... for as long as each maps
+    a pte (see :mod:`arch_plugins.arm_common.fastpath`); returns how many.
+
+    A run of faults: the pages are marked dirty if the pte is writable; each present
+    pte is cleared (``kvm_set_pte(pte, 0)``), flushed and rewritten, so N present ptes
+    cost N whole-VMID flushes, counted as such (the TLBs are invalidated once: nothing
+    runs in between); absent ptes are mapped as ``stage2_set_pte`` maps them one by one.
+    The first fault under each 2 MiB block goes through :func:`user_mem_abort` itself
+    (``stage2_dissolve_pmd``).
+
+    A present pte that is read-only (the write-protected page of a write fault) is
+    rewritten in place by ``map_pages``: the same entry, counters and flushes as
+    clearing it first, without reporting the momentary invalid entry as a restriction
+    (nobody can see it: the MMU lock is held and the VMID is flushed after it).  A
+    present writable pte, which the core never hands over, goes through
+    :func:`user_mem_abort` itself (it touches nothing but its own pte).
+    """
+    writable = not slot.readonly and (write or not slot.is_logging)
+    prot = PTE_D | (PTE_W if writable else 0)
+
+    def resolve_one(gfn: int) -> None:
+        user_mem_abort(kvm, vcpu, slot, gfn, write)
+
+    def resolve_run(run: np.ndarray, leaves: Leaves) -> None:
+        present = leaves.valid        # ptes: nothing here is under a block
+        was_writable = present & ((leaves.pte & np.uint64(PTE_W)) != 0)
+        if was_writable.any():
+            for gfn in run[was_writable].tolist():
+                resolve_one(gfn)
+            keep = ~was_writable
+            run, leaves, present = run[keep], take_leaves(leaves, keep), present[keep]
+        if writable:
+            kvm.mark_pages_dirty_in_slot(slot, run, vcpu)
+        replaced = int(present.sum())
+        if replaced:
+            kvm_tlb_flush_vmid_ipa(kvm, count=replaced)
+        map_unmapped(kvm, run, leaves, prot, no_tlbi)
+
+    return handle_faults_batch(kvm, slot, gfns, resolve_one, resolve_run)

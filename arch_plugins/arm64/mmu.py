@@ -13,10 +13,13 @@ from __future__ import annotations
 import errno
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from arch_plugins.arm_common import blocks_in_range, huge_mapping_level
+from arch_plugins.arm_common.fastpath import handle_faults_batch, map_unmapped, no_tlbi, take_leaves
 from kvmcore.errors import KvmError
 from kvmcore.geometry import LAST_LEVEL, Geometry
-from kvmcore.pgtable import PTE_D, PTE_W, Leaf
+from kvmcore.pgtable import PTE_D, PTE_W, Leaf, Leaves
 
 if TYPE_CHECKING:
     from kvmcore.memslot import Memslot
@@ -143,6 +146,40 @@ def user_mem_abort(kvm: Vm, vcpu: Vcpu, slot: Memslot, gfn: int, write: bool) ->
         kvm_pgtable_stage2_map(kvm, gfn, level, prot, leaf)
     if writable:
         kvm.mark_page_dirty_in_slot(slot, gfn, vcpu)
+
+
+def user_mem_abort_batch(kvm: Vm, vcpu: Vcpu, slot: Memslot, gfns: np.ndarray, write: bool) -> int:
+    """:func:`user_mem_abort` on ``gfns[0]``, ``gfns[1]``, ... for as long as each maps
+    a page (see :mod:`arch_plugins.arm_common.fastpath`); returns how many.
+
+    A run of faults on pages that are mapped (permission faults at the page's own
+    granule) is one :meth:`~kvmcore.pgtable.PageTable.set_bits` and one TLBI by IPA
+    per page (``kvm_pgtable_stage2_relax_perms``, counted per page); unmapped pages are
+    mapped as ``kvm_pgtable_stage2_map`` maps them one by one; a writable mapping marks
+    its page dirty.  The first fault under each block goes through :func:`user_mem_abort`
+    itself (break-before-make of the block).
+    """
+    writable = not slot.readonly and (write or not slot.is_logging)
+    prot = PTE_D | (PTE_W if writable else 0)
+
+    def resolve_one(gfn: int) -> None:
+        user_mem_abort(kvm, vcpu, slot, gfn, write)
+
+    def resolve_run(run: np.ndarray, leaves: Leaves) -> None:
+        relax = leaves.valid          # page leaves: nothing here is under a block
+        if relax.all():
+            kvm.pgtable.set_bits(run, prot)
+            kvm.tlb_flush_pages(run, kind="ipa")
+        else:
+            if relax.any():
+                kvm.pgtable.set_bits(run[relax], prot)
+                kvm.tlb_flush_pages(run[relax], kind="ipa")
+            unmapped = ~relax
+            map_unmapped(kvm, run[unmapped], take_leaves(leaves, unmapped), prot, no_tlbi)
+        if writable:
+            kvm.mark_pages_dirty_in_slot(slot, run, vcpu)
+
+    return handle_faults_batch(kvm, slot, gfns, resolve_one, resolve_run)
 
 
 # -- eager page splitting --------------------------------------------------------------

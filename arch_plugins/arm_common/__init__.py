@@ -2,7 +2,8 @@
 which both built) that ``arch/arm64/kvm/mmu.c`` keeps today.
 
 A helper package, not an arch: it registers no hooks.  :mod:`arch_plugins.arm` and
-:mod:`arch_plugins.arm64` call these functions from their own hook implementations.
+:mod:`arch_plugins.arm64` call these functions from their own hook implementations;
+:mod:`arch_plugins.arm_common.fastpath` drives their batched fault hooks.
 """
 
 from arch_plugins.arm_common.mmu import (

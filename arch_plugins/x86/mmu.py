@@ -25,7 +25,7 @@ import numpy as np
 from arch_plugins.x86.config import HUGE_LEVELS, PG_LEVEL_1G, PG_LEVEL_2M, PG_LEVEL_4K, state
 from kvmcore.hostmem import lazy_zeros
 from kvmcore.memslot import MemslotChange
-from kvmcore.pgtable import PTE_ADDR_SHIFT, PTE_D, PTE_SW0, PTE_VALID, PTE_W
+from kvmcore.pgtable import PTE_ADDR_SHIFT, PTE_D, PTE_SW0, PTE_VALID, PTE_W, unique
 
 if TYPE_CHECKING:
     from kvmcore.memslot import Memslot
@@ -38,12 +38,6 @@ SPTE_BITS = PTE_VALID | PTE_W | PTE_D | MMU_WRITABLE | HOST_WRITABLE
 PMD_PAGES = 512                # PMD_SIZE >> PAGE_SHIFT: "Cross two large pages?" is always about 2 MiB
 
 _HOST_LEVEL = {4096: PG_LEVEL_4K, 2 << 20: PG_LEVEL_2M, 1 << 30: PG_LEVEL_1G}
-
-
-def _unique(a: np.ndarray) -> np.ndarray:
-    """``np.unique`` by sorting (numpy 2's hash-based unique is slow on large int arrays)."""
-    a = np.sort(a)
-    return a[np.concatenate(([True], a[1:] != a[:-1]))] if len(a) else a
 
 
 def _no_tlbi(gfn: int, level: int) -> None:
@@ -173,7 +167,7 @@ def huge_leaves_in(kvm: Vm, start: int, end: int) -> np.ndarray:
         return np.zeros(0, np.int64)
     lv = leaves.level[huge].astype(np.int64)
     pages = np.left_shift(1, kvm.geometry.bits_per_level * (PG_LEVEL_4K - lv))
-    return _unique(probes[huge] & ~(pages - 1))
+    return unique(probes[huge] & ~(pages - 1))
 
 
 # -- building SPTEs and handling faults ----------------------------------------------------
@@ -421,7 +415,11 @@ def enable_log_dirty_pt_masked_batch(kvm: Vm, slot: Memslot, gfn_offsets: np.nda
             cross[:] = False
         probes = np.concatenate([starts, ends[cross]])
         pt.clear_bits(probes, PTE_W | MMU_WRITABLE, max_level=PG_LEVEL_2M)
-    pt.clear_bits(gfns, PTE_D if st.pml else PTE_W, min_level=PG_LEVEL_4K, max_level=PG_LEVEL_4K)
+    # The rmap walk of every set bit, as runs of consecutive gfns (one page-table walk a run).
+    breaks = np.flatnonzero(np.diff(gfns) != 1) + 1
+    run_starts, run_ends = gfns[np.r_[0, breaks]], gfns[np.r_[breaks - 1, len(gfns) - 1]] + 1
+    pt.clear_bits_ranges(run_starts, run_ends, PTE_D if st.pml else PTE_W,
+                         min_level=PG_LEVEL_4K, max_level=PG_LEVEL_4K)
 
 
 def kvm_mmu_slot_remove_write_access(kvm: Vm, slot: Memslot, min_level: int) -> None:
@@ -469,8 +467,8 @@ def _collapsible_tables(kvm: Vm, slot: Memslot) -> list[tuple[int, int]]:
     firsts, levels, _ = _slot_leaves(kvm, slot)
     g = kvm.geometry
     n1g, n2m = g.level_pages(PG_LEVEL_1G), g.level_pages(PG_LEVEL_2M)
-    t1g = _unique(firsts[levels > PG_LEVEL_1G] & ~(n1g - 1))
-    t2m = _unique(firsts[levels == PG_LEVEL_4K] & ~(n2m - 1))
+    t1g = unique(firsts[levels > PG_LEVEL_1G] & ~(n1g - 1))
+    t2m = unique(firsts[levels == PG_LEVEL_4K] & ~(n2m - 1))
     t1g, t2m = t1g[t1g >= slot.base_gfn], t2m[t2m >= slot.base_gfn]
     ok1g = max_mapping_levels(kvm, slot, t1g) <= PG_LEVEL_1G
     ok2m = max_mapping_levels(kvm, slot, t2m) <= PG_LEVEL_2M
