@@ -50,3 +50,13 @@ def pytest_collection_modifyitems(config, items):
 def arch(request):
     """An arch of the test matrix, as ``create_vm`` takes it."""
     return arch_plugin(request.param)
+
+
+@pytest.fixture(scope="session")
+def kvm():
+    """Skip, saying why, where the real kernel cannot be used (no /dev/kvm, not x86-64)."""
+    from kvmcore.kvm import kvm_available
+
+    ok, why = kvm_available()
+    if not ok:
+        pytest.skip(f"the real kernel is not usable here: {why}")

@@ -247,17 +247,8 @@ def test_conformance_bad_input_is_one_line(args, needle):
 # -- difftest ---------------------------------------------------------------------------
 
 
-def _need_kernel():
-    from kvmcore.kvm import kvm_available
-
-    ok, why = kvm_available()
-    if not ok:
-        pytest.skip(f"the real kernel is not usable here: {why}")
-
-
 @pytest.mark.arch("x86")
-def test_difftest_agrees_with_the_kernel():
-    _need_kernel()
+def test_difftest_agrees_with_the_kernel(kvm):
     result = run("difftest", "--rounds", "3", "--seeds", "2", "--mode", "manual", "--json")
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
@@ -265,8 +256,7 @@ def test_difftest_agrees_with_the_kernel():
 
 
 @pytest.mark.arch("x86")
-def test_difftest_names_where_a_broken_model_differs():
-    _need_kernel()
+def test_difftest_names_where_a_broken_model_differs(kvm):
     result = run("difftest", "--arch", f"{__name__}:BROKEN", "--rounds", "3")
     assert result.exit_code == 1
     assert "seed 1: round" in result.stdout and "only in B" in result.stdout

@@ -9,13 +9,8 @@ from simple_arch import SimpleArch
 pytestmark = pytest.mark.arch("x86")
 
 
-@pytest.fixture(scope="module")
-def kernel():
-    from kvmcore.kvm import kvm_available
-
-    ok, why = kvm_available()
-    if not ok:
-        pytest.skip(f"the real kernel is not usable here: {why}")
+@pytest.fixture
+def kernel(kvm):
     return lambda: kvmcore.create_vm("x86", backend="kvm")
 
 

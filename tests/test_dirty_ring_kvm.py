@@ -18,7 +18,6 @@ import pytest
 
 import kvmcore
 from kvmcore.dirty_ring import DIRTY_GFN_DTYPE
-from kvmcore.kvm import kvm_available
 from simple_arch import SimpleArch
 from test_dirty_ring import ENABLE_CASES
 
@@ -31,12 +30,6 @@ RESET = kvmcore.KVM_DIRTY_GFN_F_RESET
 PAGE = 4096
 BASE = 1 << 32
 
-
-@pytest.fixture(scope="module")
-def kvm():
-    ok, reason = kvm_available()
-    if not ok:
-        pytest.skip(reason)
 
 
 def raises(code, fn, *args):

@@ -31,12 +31,6 @@ BASE = 1 << 32  # user slot GPA (4 GiB)
 # --- fixtures ---------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def kvm() -> None:
-    ok, reason = kvm_available()
-    if not ok:
-        pytest.skip(reason)
-
 
 @pytest.fixture
 def vm(kvm):
