@@ -6,8 +6,8 @@ missing or late therefore shows up as a lost dirty page.  A cached block entry i
 recorded on every page it covers.
 
 Entries live in one lazily allocated ``uint32`` per page of each memslot, holding
-``generation << 2 | state``; a full flush bumps the generation (O(1)), a range
-flush zeroes the range.
+``generation << 2 | state``, with a generation per memslot: flushing a whole slot, or
+everything, bumps generations (O(1) a slot); a partial range flush zeroes the range.
 """
 
 import numpy as np
@@ -25,13 +25,14 @@ class Tlb:
     """One vCPU's TLB."""
 
     def __init__(self) -> None:
-        self.generation = 1
         self._entries: dict[Memslot, np.ndarray] = {}
+        self._generation: dict[Memslot, int] = {}
 
     def _array(self, slot: Memslot) -> np.ndarray:
         arr = self._entries.get(slot)
         if arr is None:
             arr = self._entries[slot] = lazy_zeros(slot.npages, np.uint32)
+            self._generation[slot] = 1
         return arr
 
     def states(self, slot: Memslot, offsets: np.ndarray) -> np.ndarray:
@@ -40,7 +41,7 @@ class Tlb:
         if arr is None:
             return np.zeros(len(offsets), np.uint8)
         e = arr[offsets]
-        return np.where((e >> 2) == self.generation, e & 3, 0).astype(np.uint8)
+        return np.where((e >> 2) == self._generation[slot], e & 3, 0).astype(np.uint8)
 
     def state(self, slot: Memslot, offset: int) -> int:
         """The cached state of one page offset (the scalar :meth:`states`)."""
@@ -48,23 +49,30 @@ class Tlb:
         if arr is None:
             return TLB_INVALID
         e = int(arr[offset])
-        return e & 3 if e >> 2 == self.generation else TLB_INVALID
+        return e & 3 if e >> 2 == self._generation[slot] else TLB_INVALID
 
     def fill(self, slot: Memslot, offsets: np.ndarray, states: np.ndarray) -> None:
         """Cache translations for page offsets of ``slot``."""
-        self._array(slot)[offsets] = (np.uint32(self.generation) << np.uint32(2)) | states.astype(np.uint32)
+        arr = self._array(slot)
+        arr[offsets] = (np.uint32(self._generation[slot]) << np.uint32(2)) | states.astype(np.uint32)
 
     def fill_range(self, slot: Memslot, lo: int, hi: int, state: int) -> None:
         """Cache one block translation over page offsets ``[lo, hi)`` of ``slot``."""
-        self._array(slot)[max(lo, 0):min(hi, slot.npages)] = (self.generation << 2) | state
+        arr = self._array(slot)
+        arr[max(lo, 0):min(hi, slot.npages)] = (self._generation[slot] << 2) | state
 
     def invalidate_all(self) -> None:
-        self.generation += 1
+        for slot in self._generation:
+            self._generation[slot] += 1
 
     def invalidate_range(self, slot: Memslot, lo: int, hi: int) -> None:
         """Drop cached entries for page offsets ``[lo, hi)`` of ``slot``."""
         arr = self._entries.get(slot)
-        if arr is not None:
+        if arr is None:
+            return
+        if lo <= 0 and hi >= slot.npages:
+            self._generation[slot] += 1
+        else:
             arr[max(lo, 0):min(hi, slot.npages)] = 0
 
     def invalidate_pages(self, slot: Memslot, offsets: np.ndarray) -> None:
@@ -76,3 +84,4 @@ class Tlb:
     def forget(self, slot: Memslot) -> None:
         """The slot is gone (deleted or moved, after its flush)."""
         self._entries.pop(slot, None)
+        self._generation.pop(slot, None)
