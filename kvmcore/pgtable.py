@@ -20,6 +20,7 @@ import attrs
 import numpy as np
 
 from kvmcore.geometry import LAST_LEVEL, Geometry
+from kvmcore.hostmem import lazy_zeros
 
 # Entry bits.  Bits 4..11 are the arch's own software bits (x86's MMU-writable, ...).
 PTE_VALID = 1 << 0
@@ -180,6 +181,9 @@ class PageTable:
         self._base = [np.zeros(len(t), np.int64) for t in self._tabs]
         self._nrows = [1] + [0] * (len(self._levels) - 1)
         self._free: list[list[int]] = [[] for _ in self._levels]
+        # Which last-level table (row + 1, 0 for none) maps each last-level span: the
+        # lookups' shortcut past the upper levels.  Lazily reserved, like host memory.
+        self._last_row = lazy_zeros(g.max_gfn // self._nent[-1] or 1, np.int32)
         self._bump("page_tables", g.concatenated_tables)
 
     # -- storage -------------------------------------------------------------------
@@ -208,6 +212,8 @@ class PageTable:
             self._nrows[li] = row + 1
         self._tabs[li][row] = 0
         self._base[li][row] = base_gfn
+        if li == len(self._levels) - 1:
+            self._last_row[base_gfn // self._nent[li]] = row + 1
         self._bump("page_tables")
         return row
 
@@ -219,6 +225,8 @@ class PageTable:
             for child in (children >> PTE_ADDR_SHIFT).astype(np.int64).tolist():
                 self._free_table(li + 1, child)
         self._tabs[li][row] = 0
+        if li == len(self._levels) - 1:
+            self._last_row[self._base[li][row] // self._nent[li]] = 0
         self._free[li].append(row)
         self._bump("page_tables", -1)
 
@@ -230,7 +238,11 @@ class PageTable:
         return int(self._tabs[li][row, idx])
 
     def set_entry(self, li: int, row: int, idx: int, new: int) -> None:
-        """Store an entry, telling the owner if a translation lost a permission."""
+        """Store an entry, telling the owner if a translation lost a permission.
+
+        For leaves: a table entry is replaced through :meth:`map`, :meth:`split` or
+        :meth:`unmap_range`, which also free the table below it.
+        """
         tab = self._tabs[li]
         old = int(tab[row, idx])
         if old == new:
@@ -276,9 +288,19 @@ class PageTable:
         """Vectorised walk: the leaf mapping each of ``gfns``."""
         gfns = np.asarray(gfns, dtype=np.int64)
         n = len(gfns)
+        last, nlast = len(self._levels) - 1, self._nent[-1]
         out = Leaves(np.full(n, NO_LEVEL, np.int16), np.zeros(n, np.uint64),
                      np.full(n, -1, np.int64), np.full(n, -1, np.int64), np.full(n, -1, np.int64))
         inside = (gfns >= 0) & (gfns < self.geometry.max_gfn)
+        rows = self._last_row[np.where(inside, gfns, 0) // nlast].astype(np.int64) - 1
+        short = inside & (rows >= 0)    # a last-level table maps it: no walk from the top
+        if short.any():
+            at = np.flatnonzero(short)
+            idx = gfns[at] % nlast
+            e = self._tabs[last].reshape(-1)[rows[at] * nlast + idx]
+            out.level[at] = np.where((e & np.uint64(PTE_VALID)) != 0, LAST_LEVEL, NO_LEVEL)
+            out.pte[at], out.li[at], out.row[at], out.idx[at] = e, last, rows[at], idx
+            inside &= ~short
         act = None if inside.all() else np.flatnonzero(inside)   # None: every gfn
         g = gfns if act is None else gfns[act]
         rows = np.zeros(len(g), np.int64)
