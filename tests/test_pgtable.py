@@ -136,3 +136,15 @@ def test_restriction_is_reported_for_permission_loss_only():
     assert events == []
     pt.wrprotect_range(0, 64)
     assert events == [(10, 11)]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(1, (1 << 64) - 1), min_size=1, max_size=20))
+def test_ffs_fls_and_contiguous_match_the_scalar_definitions(words):
+    from kvmcore.bitops import contiguous, ffs_fls
+
+    first, last1 = ffs_fls(np.array(words, np.uint64))
+    runs = contiguous(np.array(words, np.uint64))
+    for w, f, l1, run in zip(words, first.tolist(), last1.tolist(), runs.tolist()):
+        assert (f, l1) == ((w & -w).bit_length() - 1, w.bit_length())
+        assert run == (w >> f == (1 << (l1 - f)) - 1)

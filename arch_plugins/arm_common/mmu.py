@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from kvmcore.bitops import ffs_fls
+
 from kvmcore.errors import KvmError
 from kvmcore.geometry import LAST_LEVEL
 from kvmcore.memslot import MemslotChange
@@ -36,13 +38,7 @@ def mask_range(base_gfn: int, mask: int) -> tuple[int, int]:
 
 def mask_ranges(base_gfns: np.ndarray, masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """:func:`mask_range` for arrays of words (uint32 or uint64), without a loop per word."""
-    m = np.asarray(masks).astype(np.uint64)
-    low = m & (~m + np.uint64(1))
-    first = np.bitwise_count(low - np.uint64(1)).astype(np.int64)
-    smear = m.copy()
-    for shift in (1, 2, 4, 8, 16, 32):
-        smear |= smear >> np.uint64(shift)
-    last1 = np.bitwise_count(smear).astype(np.int64)
+    first, last1 = ffs_fls(masks)
     base = np.asarray(base_gfns, np.int64)
     return base + first, base + last1
 

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from arch_plugins.x86.config import HUGE_LEVELS, PG_LEVEL_1G, PG_LEVEL_2M, PG_LEVEL_4K, state
+from kvmcore.bitops import contiguous, ffs_fls
 from kvmcore.hostmem import lazy_zeros
 from kvmcore.memslot import MemslotChange
 from kvmcore.pgtable import PTE_ADDR_SHIFT, PTE_D, PTE_SW0, PTE_VALID, PTE_W, unique
@@ -398,12 +399,11 @@ def enable_log_dirty_pt_masked_batch(kvm: Vm, slot: Memslot, gfn_offsets: np.nda
     st = state(kvm)
     pt = kvm.pgtable
     offsets = np.asarray(gfn_offsets, np.int64)
-    bits = _mask_bits(masks)
-    words, cols = np.nonzero(bits)
-    gfns = slot.base_gfn + offsets[words] + cols
+    masks = np.asarray(masks)
+    first, last1 = ffs_fls(masks)
     if kvm.initially_all_set:
-        starts = slot.base_gfn + offsets + np.argmax(bits, axis=1)
-        ends = slot.base_gfn + offsets + 63 - np.argmax(bits[:, ::-1], axis=1)
+        starts = slot.base_gfn + offsets + first
+        ends = slot.base_gfn + offsets + last1 - 1
         if st.eager_page_split and st.tdp_mmu:
             leaves = pt.lookup(np.concatenate([starts, ends]))
             huge = leaves.valid & (leaves.level < PG_LEVEL_4K)
@@ -415,11 +415,18 @@ def enable_log_dirty_pt_masked_batch(kvm: Vm, slot: Memslot, gfn_offsets: np.nda
             cross[:] = False
         probes = np.concatenate([starts, ends[cross]])
         pt.clear_bits(probes, PTE_W | MMU_WRITABLE, max_level=PG_LEVEL_2M)
-    # The rmap walk of every set bit, as runs of consecutive gfns (one page-table walk a run).
-    breaks = np.flatnonzero(np.diff(gfns) != 1) + 1
-    run_starts, run_ends = gfns[np.r_[0, breaks]], gfns[np.r_[breaks - 1, len(gfns) - 1]] + 1
-    pt.clear_bits_ranges(run_starts, run_ends, PTE_D if st.pml else PTE_W,
-                         min_level=PG_LEVEL_4K, max_level=PG_LEVEL_4K)
+    # The rmap walk of every set bit, as runs of consecutive gfns (one page-table walk a
+    # run): a word whose bits are one run is its [__ffs, __fls] range, others bit by bit.
+    one_run = contiguous(masks)
+    words, cols = np.nonzero(_mask_bits(masks[~one_run]))
+    scattered = slot.base_gfn + offsets[~one_run][words] + cols
+    breaks = np.flatnonzero(np.diff(scattered) != 1) + 1
+    base = slot.base_gfn + offsets[one_run]
+    bit = PTE_D if st.pml else PTE_W
+    for starts_, ends_ in ((base + first[one_run], base + last1[one_run]),
+                           (scattered[np.r_[0, breaks]], scattered[np.r_[breaks - 1, len(scattered) - 1]] + 1)
+                           if len(scattered) else (scattered, scattered)):
+        pt.clear_bits_ranges(starts_, ends_, bit, min_level=PG_LEVEL_4K, max_level=PG_LEVEL_4K)
 
 
 def kvm_mmu_slot_remove_write_access(kvm: Vm, slot: Memslot, min_level: int) -> None:
