@@ -207,8 +207,28 @@ def _literal(text: str) -> Any:
     return text
 
 
+def _ring_size(text: str | None, dirty_ring: bool) -> int:
+    from kvmcore.migration.dirtylog import DEFAULT_RING_BYTES
+    from kvmcore.migration.units import parse_size
+
+    if text is None:
+        return DEFAULT_RING_BYTES
+    if not dirty_ring:
+        raise _fail("--ring-size sizes the dirty ring: it needs --dirty-ring")
+    return parse_size(text)
+
+
+def _working_set_pages(text: str, page_size: int) -> int:
+    from kvmcore.migration.units import parse_size
+
+    size = parse_size(text)
+    if size < page_size:
+        raise ValueError(f"--working-set {text!r} is less than one {page_size}-byte page")
+    return size // page_size
+
+
 def _parse_workload(text: str, rate: float, write_fraction: float, device_fraction: float,
-                    hot_fraction: float):
+                    hot_fraction: float, working_set: int = 16384):
     from kvmcore.migration import WORKLOADS, Workload, load_trace
 
     kind, _, path = text.partition(":")
@@ -220,7 +240,7 @@ def _parse_workload(text: str, rate: float, write_fraction: float, device_fracti
     if path or kind not in WORKLOADS:
         raise ValueError(f"unknown workload {text!r}; workloads are {', '.join(WORKLOADS[:-1])}, trace:FILE")
     return Workload(kind=kind, rate=rate, write_fraction=write_fraction, device_fraction=device_fraction,
-                    hot_fraction=hot_fraction)
+                    hot_fraction=hot_fraction, working_set=working_set)
 
 
 class _RichProgress:
@@ -269,7 +289,7 @@ class _NoProgress:
 @click.option("--backend", type=click.Choice(kvmcore.BACKENDS), default="sim", show_default=True,
               help="The model, or the real kernel through /dev/kvm.")
 @click.option("--workload", default="hotset", show_default=True,
-              help="uniform, hotset, sweep, once, or trace:FILE.")
+              help="uniform, hotset, sweep, once, sparse, or trace:FILE.")
 @click.option("--dirty-rate", default="64M", show_default=True,
               help="How fast the guest writes: pages/s (20000) or bytes/s (64M, 64MiB/s).")
 @click.option("--write-fraction", type=float, default=1.0, show_default=True,
@@ -278,6 +298,8 @@ class _NoProgress:
               help="Fraction of the writes done by the VMM (device emulation), not the vCPU.")
 @click.option("--hot-fraction", type=float, default=0.2, show_default=True,
               help="hotset: share of the pages in the working set (it takes 80% of the writes).")
+@click.option("--working-set", default="64M", show_default=True,
+              help="sparse: the memory the guest has used (scattered pages); the rest was never written.")
 @click.option("--bandwidth", default="128M", show_default=True,
               help="max-bandwidth of the link in bytes/s (QEMU's default: 128M).")
 @click.option("--downtime-limit", default="300", show_default=True, help="downtime-limit in ms (or 0.3s).")
@@ -285,6 +307,10 @@ class _NoProgress:
               help="KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2: GET, then CLEAR each chunk right before sending it.")
 @click.option("--clear-bitmap-shift", type=int, default=18, show_default=True,
               help="Chunks of 2**N pages for --manual-protect (QEMU's x-clear-bitmap-shift).")
+@click.option("--dirty-ring", is_flag=True,
+              help="KVM_CAP_DIRTY_LOG_RING (x86) or _ACQ_REL (arm64): harvest the vCPUs' rings, not the bitmap.")
+@click.option("--ring-size", default=None, metavar="BYTES",
+              help="Bytes per vCPU ring for --dirty-ring: a power of two up to 1M  [default: 64K, 4096 entries]")
 @click.option("--auto-converge", is_flag=True, help="Throttle the guest as QEMU does (20%, +10%, up to 99%).")
 @click.option("--host-page-size", type=click.Choice(["4K", "2M", "1G"]), default=None,
               help="Host pages behind guest memory [default: 4K on the model, the host's on kvm].")
@@ -302,8 +328,9 @@ class _NoProgress:
 @click.option("--opt", "opts", multiple=True, metavar="KEY=VALUE", help="An arch option (see kvmcore archs).")
 @click.pass_context
 def migrate(ctx: click.Context, arch, memory, backend, workload, dirty_rate, write_fraction, device_fraction,
-            hot_fraction, bandwidth, downtime_limit, manual_protect, clear_bitmap_shift, auto_converge,
-            host_page_size, max_iterations, max_time, seed, time_model, as_json, plot, opts) -> None:
+            hot_fraction, working_set, bandwidth, downtime_limit, manual_protect, clear_bitmap_shift, dirty_ring,
+            ring_size, auto_converge, host_page_size, max_iterations, max_time, seed, time_model, as_json, plot,
+            opts) -> None:
     """Migrate a guest live over the dirty log, and check the copy byte for byte.
 
     Exit status: 0 if the destination's memory equals the source's, 1 if it does
@@ -318,7 +345,8 @@ def migrate(ctx: click.Context, arch, memory, backend, workload, dirty_rate, wri
         params = MigrationParameters(
             downtime_limit_ms=parse_duration_ms(downtime_limit), max_bandwidth=parse_bandwidth(bandwidth),
             max_iterations=max_iterations, max_time_s=parse_duration_ms(max_time) / 1000.0,
-            auto_converge=auto_converge, manual_protect=manual_protect, clear_bitmap_shift=clear_bitmap_shift)
+            auto_converge=auto_converge, manual_protect=manual_protect, clear_bitmap_shift=clear_bitmap_shift,
+            dirty_ring=dirty_ring, dirty_ring_size=_ring_size(ring_size, dirty_ring))
         plugin = _resolve_arch(arch, backend)
         options = _parse_opts(opts)
         if plot and not plot.lower().endswith(".png"):
@@ -330,7 +358,7 @@ def migrate(ctx: click.Context, arch, memory, backend, workload, dirty_rate, wri
     try:
         with _Boundary("migrate"):
             wl = _parse_workload(workload, parse_rate(dirty_rate, vm.page_size), write_fraction, device_fraction,
-                                 hot_fraction)
+                                 hot_fraction, _working_set_pages(working_set, vm.page_size))
             err = _console(sys.stderr)
             show = not as_json and sys.stderr.isatty()
             with (_RichProgress(err) if show else _NoProgress()) as progress:

@@ -268,3 +268,61 @@ def test_difftest_between_two_models_and_bad_input():
     result = run("difftest", "--arch", "no-such-arch")
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+# -- the dirty ring and big sparse guests (migrate) ---------------------------------------
+
+
+def test_migrate_dirty_ring_json_has_the_ring_counters():
+    result = run("migrate", "--arch", "x86", *SMALL, "--dirty-ring", "--ring-size", "4K", "--dirty-rate", "32M",
+                 "--json")
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["verified"] is True and data["dirty-log"].startswith("dirty-ring")
+    assert data["dirty-ring"]["entries"] == 256 and data["dirty-ring"]["ring-full-exits"] > 0
+    assert data["guest"]["device-log"] == "vmm"
+    assert set(data["ram"]) >= {"transferred", "remaining", "total", "dirty-sync-count", "dirty-pages-rate"}
+
+
+def test_migrate_dirty_ring_human_output():
+    result = run("migrate", "--arch", "arm64", *SMALL, "--dirty-ring")
+    assert result.exit_code == 0, result.stderr
+    assert "dirty-ring (4096 entries per vCPU)" in result.stdout
+    assert "ring-full exits" in result.stdout
+
+
+RING_BAD_INPUT = {
+    "ring on arm": (["--arch", "arm", "--dirty-ring"], "archs with a ring: arm64, x86"),
+    "ring on riscv": (["--arch", "riscv", "--dirty-ring"], "offers no dirty ring"),
+    "ring size not a power of two": (["--arch", "x86", "--dirty-ring", "--ring-size", "1000"], "EINVAL"),
+    "ring size too big": (["--arch", "x86", "--dirty-ring", "--ring-size", "2M"], "E2BIG"),
+    "ring size does not parse": (["--arch", "x86", "--dirty-ring", "--ring-size", "big"], "size"),
+    "ring size without ring": (["--arch", "x86", "--ring-size", "4K"], "--dirty-ring"),
+    "ring and manual protect": (["--arch", "x86", "--dirty-ring", "--manual-protect"], "choose one"),
+    "memory beyond the IPA": (["--arch", "arm64", "--memory", "1T", "--workload", "sparse"], "IPA"),
+    "huge guest filled": (["--arch", "x86", "--memory", "1T"], "sparse"),
+    "working set below a page": (["--arch", "x86", "--workload", "sparse", "--working-set", "100"], "page"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(RING_BAD_INPUT))
+def test_ring_and_sparse_bad_input_is_one_line_exit_2(case):
+    args, needle = RING_BAD_INPUT[case]
+    result = run("migrate", *SMALL, *args, "--json")
+    assert result.exit_code == 2, (result.stdout, result.stderr)
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("Error: ") and needle.lower() in lines[0].lower(), lines[0]
+    assert "Traceback" not in result.stderr and result.stdout == ""
+
+
+def test_migrate_sparse_guest_counts_zero_pages():
+    result = run("migrate", "--arch", "x86", "--memory", "4G", "--workload", "sparse", "--working-set", "4M",
+                 "--json")
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(result.stdout)
+    npages = (4 << 30) // 4096
+    assert data["verified"] is True
+    assert data["ram"]["duplicate"] >= npages - 1024
+    assert data["checked-pages"] < npages // 100
+    assert data["guest"]["workload"]["working-set-pages"] == 1024

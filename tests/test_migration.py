@@ -378,3 +378,226 @@ def test_units():
     for bad in ("4X", "", "G", "-1"):
         with pytest.raises(ValueError):
             parse_size(bad)
+
+
+# -- the dirty ring ------------------------------------------------------------------------
+
+from kvmcore.dirty_ring import HARVEST_DTYPE  # noqa: E402
+from kvmcore.migration import RingSource  # noqa: E402
+
+RING_ARCHS = [pytest.param(name, marks=pytest.mark.arch(name), id=name) for name in ("x86", "arm64")]
+
+
+def smallest_ring(vm) -> int:
+    """The smallest ring the VM's arch accepts (4 KiB, or 16 KiB with x86 PML), so
+    the ring fills during a 16 MiB migration."""
+    from kvmcore.uapi import KVM_CAP_DIRTY_LOG_RING, KVM_CAP_DIRTY_LOG_RING_ACQ_REL
+
+    cap = KVM_CAP_DIRTY_LOG_RING if vm.check_extension(KVM_CAP_DIRTY_LOG_RING) else KVM_CAP_DIRTY_LOG_RING_ACQ_REL
+    for size in (4096, 8192, 16384, 32768):
+        probe = kvmcore.create_vm(vm.arch) if getattr(vm, "backend", "sim") == "sim" else None
+        if probe is None:
+            return 4096
+        try:
+            probe.enable_cap(cap, size)
+            return size
+        except kvmcore.KvmError:
+            continue
+    raise AssertionError("no small ring accepted")
+
+
+def ring_params(size: int, **kw) -> MigrationParameters:
+    return MigrationParameters(max_bandwidth=64 * MIB, dirty_ring=True, dirty_ring_size=size, **kw)
+
+
+@pytest.mark.parametrize("ring_arch", RING_ARCHS)
+@pytest.mark.parametrize("kind", ["hotset", "sweep"])
+def test_ring_mode_is_verified_with_ring_full_exits_and_device_writes(ring_arch, kind):
+    vm = make_vm(ring_arch)
+    size = smallest_ring(vm)
+    engine = build(vm, guest=SMALL, workload=Workload(kind=kind, rate=8192, device_fraction=0.1),
+                   params=ring_params(size))
+    report = engine.run()
+    assert isinstance(engine.source, RingSource)
+    assert report.dirty_log.startswith("dirty-ring")
+    assert report.verified, f"{report.mismatched_pages} pages differ"
+    ring = report.to_dict()["dirty-ring"]
+    assert ring["size"] == size and ring["entries"] == size // 16
+    assert ring["ring-full-exits"] > 0          # the small ring filled, and the driver resumed the vCPU
+    assert ring["harvested"] > 0 and ring["reset-entries"] == ring["harvested"]
+    assert ring["resets"] == ring["ring-full-exits"] + report.ram.dirty_sync_count
+    # KVM drops the VMM's writes in a ring-only VM: the engine's own log carries them
+    assert report.guest["device-log"] == "vmm"
+    assert report.device_writes > 50
+    assert report.kvm_stats["dirty_marks_dropped"] == 0
+    assert report.kvm_stats["dirty_log_gets"] == 0
+
+
+@pytest.mark.arch("x86")
+def test_ring_mode_default_size_and_the_report():
+    vm = make_vm("x86")
+    report = migrate(vm, guest=SMALL, workload=Workload(kind="hotset", rate=4096, device_fraction=0.02),
+                     params=MigrationParameters(max_bandwidth=64 * MIB, dirty_ring=True))
+    data = report.to_dict()
+    assert report.verified
+    assert data["dirty-ring"]["entries"] == 4096 and data["dirty-ring"]["ring-full-exits"] == 0
+    assert data["parameters"]["x-dirty-ring"] is True
+    # QEMU's ram fields are the same as in the bitmap modes
+    assert data["ram"]["precopy-bytes"] + data["ram"]["downtime-bytes"] == data["ram"]["transferred"]
+    assert data["ram"]["dirty-sync-count"] == len(data["rounds"])
+    assert "dirty-ring" not in migrate(make_vm("x86"), guest=SMALL, workload=Workload(rate=1024),
+                                       params=FAST_LINK).to_dict()
+
+
+@pytest.mark.arch("x86")
+def test_device_writes_through_kvm_are_refused_in_a_ring_only_vm():
+    with pytest.raises(ValueError, match="ring-only"):
+        migrate(make_vm("x86"), guest=SMALL, params=ring_params(65536), device_log="kvm")
+
+
+class LateResetRing(RingSource):
+    """Broken: harvests without resetting, and re-arms the pages only at the next
+    harvest, after they were copied: a write in between is not logged."""
+
+    def harvest(self, vm, slots):
+        with self._lock:
+            self._reset(vm)
+            self._collect(vm)
+            got = np.concatenate(self._buffer) if self._buffer else np.zeros(0, HARVEST_DTYPE)
+            self._buffer = []
+        from kvmcore.migration.dirtylog import _bucket
+        return _bucket(got, slots)
+
+
+class DroppingRing(RingSource):
+    """Broken: loses every 8th entry it harvests."""
+
+    def _collect(self, vm):
+        super()._collect(vm)
+        self._buffer = [b[np.arange(len(b)) % 8 != 7] for b in self._buffer]
+
+
+@pytest.mark.arch("x86")
+@pytest.mark.parametrize("broken", [LateResetRing, DroppingRing], ids=["late-reset", "drops-entries"])
+def test_a_broken_ring_consumer_is_not_verified(broken, monkeypatch):
+    import kvmcore.migration.engine as engine_module
+
+    monkeypatch.setattr(engine_module, "RingSource", broken)
+    vm = make_vm("x86")
+    engine = build(vm, guest=SMALL, workload=Workload(kind="hotset", rate=8192),
+                   params=ring_params(65536, max_iterations=4, downtime_limit_ms=10))
+    assert isinstance(engine.source, broken)
+    report = engine.run()
+    assert report.status == "completed"
+    assert not report.verified and report.mismatched_pages > 0
+
+
+@pytest.mark.parametrize("arch_name", [pytest.param(n, marks=pytest.mark.arch(n), id=n) for n in ("arm", "riscv")])
+def test_ring_on_an_arch_without_one_names_those_with_one(arch_name):
+    vm = make_vm(arch_name)
+    with pytest.raises(ValueError, match="offers no dirty ring") as info:
+        migrate(vm, guest=SMALL, params=ring_params(65536))
+    assert "x86" in str(info.value) and "arm64" in str(info.value)
+
+
+@pytest.mark.arch("x86")
+@pytest.mark.parametrize("size, errno_name", [(1000, "EINVAL"), (2 << 20, "E2BIG"), (1 << 31, "E2BIG"),
+                                              (1 << 32, "EINVAL")])  # the kernel's u32: 2**32 is 0
+def test_bad_ring_sizes_are_the_kernels(size, errno_name):
+    with pytest.raises(ValueError, match=errno_name):
+        migrate(make_vm("x86"), guest=SMALL, params=ring_params(size))
+
+
+def test_ring_and_manual_protect_are_exclusive():
+    with pytest.raises(ValueError, match="choose one"):
+        MigrationParameters(dirty_ring=True, manual_protect=True)
+
+
+@pytest.mark.kvm
+@pytest.mark.parametrize("size", [65536, 4096])
+def test_kvm_backend_ring_mode_is_verified(kvm, size):
+    vm = kvmcore.create_vm("x86", backend="kvm")
+    try:
+        report = migrate(vm, guest=GuestSpec(memory=32 * MIB),
+                         workload=Workload(kind="hotset", rate=16384, device_fraction=0.02),
+                         params=ring_params(size, max_iterations=5))
+    finally:
+        vm.close()
+    assert report.time_model == "real" and report.guest["device-log"] == "vmm"
+    assert report.device_writes > 0 and report.guest_writes > 1000
+    assert report.verified, f"{report.mismatched_pages} pages differ"
+    if size == 4096:  # the vCPU thread met KVM_EXIT_DIRTY_RING_FULL and went on
+        assert report.dirty_ring["ring-full-exits"] > 0
+
+
+@pytest.mark.arch("x86")
+def test_ring_mode_in_real_time_on_the_model():
+    vm = make_vm("x86")
+    report = migrate(vm, guest=SMALL, workload=Workload(kind="hotset", rate=8192, device_fraction=0.05),
+                     params=ring_params(smallest_ring(vm)), time="real")
+    assert report.verified and report.dirty_ring["ring-full-exits"] > 0
+
+
+# -- a big, sparse guest -----------------------------------------------------------------
+
+TIB = 1 << 40
+
+
+@pytest.mark.arch("x86")
+def test_a_1tib_sparse_guest_migrates_in_little_memory():
+    import resource
+    import time
+
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB
+    t0 = time.monotonic()
+    vm = make_vm("x86")
+    engine = build(vm, guest=GuestSpec(memory=TIB), workload=Workload(kind="sparse", rate=16384, device_fraction=0.01,
+                                                                     working_set=16384),
+                   params=MigrationParameters())
+    report = engine.run()
+    elapsed = time.monotonic() - t0
+    grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before
+    npages = TIB // 4096
+    assert report.verified, f"{report.mismatched_pages} pages differ"
+    assert report.converged
+    assert report.ram.total == TIB
+    # the never-written pages went as zero pages, unread; only the working set was read
+    assert report.rounds[0].pages_sent == npages
+    assert report.ram.duplicate >= npages - 16384
+    assert report.ram.normal < 4 * 16384
+    assert report.checked_pages <= 16384 + report.guest_writes
+    assert grown < 1536 * 1024, f"max RSS grew by {grown >> 10} MiB"
+    assert elapsed < 120
+
+
+def test_sparse_check_still_catches_a_lost_write():
+    vm = kvmcore.create_vm(SimpleArch(flush=False))
+    report = migrate(vm, guest=GuestSpec(memory=64 * MIB),
+                     workload=Workload(kind="sparse", rate=4096, working_set=512),
+                     params=MigrationParameters(max_bandwidth=32 * MIB))
+    assert report.checked_pages < 64 * MIB // 4096
+    assert not report.verified and report.mismatched_pages > 0
+
+
+def test_sparse_guest_sends_zero_pages_unread_and_is_verified(arch):
+    vm = make_vm(arch)
+    report = migrate(vm, guest=GuestSpec(memory=64 * MIB),
+                     workload=Workload(kind="sparse", rate=4096, working_set=256, device_fraction=0.1),
+                     params=FAST_LINK)
+    npages = 64 * MIB // vm.page_size
+    assert report.verified
+    assert report.ram.duplicate >= npages - 256
+    assert report.checked_pages < npages
+
+
+@pytest.mark.arch("arm64")
+def test_memory_beyond_the_ipa_space_is_refused():
+    vm = make_vm("arm64")
+    with pytest.raises(ValueError, match="40-bit IPA"):
+        migrate(vm, guest=GuestSpec(memory=TIB), workload=Workload(kind="sparse"))
+
+
+@pytest.mark.arch("x86")
+def test_a_huge_guest_that_would_be_filled_is_refused():
+    with pytest.raises(ValueError, match="sparse"):
+        migrate(make_vm("x86"), guest=GuestSpec(memory=TIB), workload=Workload(kind="hotset"))

@@ -5,7 +5,7 @@ builds a guest on any VM (the model or ``/dev/kvm``), runs the workload in it an
 migrates it with QEMU's algorithm and names; see docs/migration.md.
 """
 
-from kvmcore.migration.dirtylog import BitmapSource, DirtyLogSource, ManualProtectSource
+from kvmcore.migration.dirtylog import BitmapSource, DirtyLogSource, ManualProtectSource, RingSource
 from kvmcore.migration.engine import Precopy, build, migrate
 from kvmcore.migration.guest import HOST_PAGE_SIZES, Guest, GuestSpec
 from kvmcore.migration.params import MigrationParameters
@@ -15,6 +15,6 @@ from kvmcore.migration.workloads import Trace, Workload, load_trace
 
 __all__ = [
     "BitmapSource", "DirtyLogSource", "Guest", "GuestSpec", "HOST_PAGE_SIZES", "ManualProtectSource",
-    "MigrationParameters", "MigrationReport", "Precopy", "RamStats", "RoundRecord", "Trace", "WORKLOADS",
+    "MigrationParameters", "MigrationReport", "Precopy", "RamStats", "RingSource", "RoundRecord", "Trace", "WORKLOADS",
     "Workload", "build", "load_trace", "migrate",
 ]

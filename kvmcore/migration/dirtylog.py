@@ -12,17 +12,25 @@ sources exist now:
   ``2**x-clear-bitmap-shift`` pages right before that chunk is sent, and only the
   bits that are about to be sent (QEMU's clear bitmap).
 
-The dirty ring will be a third: ``harvest`` collects every vCPU's ring and buckets
-the entries by slot, then ``KVM_RESET_DIRTY_RINGS`` re-arms them (before any copy).
+* :class:`RingSource`: ``KVM_CAP_DIRTY_LOG_RING`` (or ``_ACQ_REL``): ``harvest``
+  collects every vCPU's ring, then ``KVM_RESET_DIRTY_RINGS`` re-arms the pages
+  (before any of them is copied), and buckets the entries by slot.  A vCPU that
+  stops with ``KVM_EXIT_DIRTY_RING_FULL`` is handled by :meth:`DirtyLogSource.vcpu_exit`:
+  every ring is harvested into the source's buffer and reset, and the vCPU resumes
+  (QEMU's reaper).  KVM drops the VMM's own writes in a ring-only VM, so the engine
+  logs device writes in its own bitmap (:mod:`kvmcore.migration.vmmlog`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import threading
 
 import numpy as np
 
 from kvmcore import uapi
+from kvmcore.dirty_ring import HARVEST_DTYPE
 from kvmcore.errors import KvmError
 from kvmcore.memslot import bitmap_from_pages, pages_from_bitmap
 
@@ -33,8 +41,26 @@ class DirtyLogSource:
     name = "abstract"
     chunk_shift = 62  # the engine never lets one batch of sends cross a chunk
 
+    needs_vmm_log = False  # True: KVM does not log the VMM's writes (a ring-only VM)
+    rearms_before_send = False  # True: before_send must see every page of a chunk, even in the full pass
+
+    def prepare(self, vm) -> None:
+        """Called once on the fresh VM, before any memslot or vCPU exists."""
+
     def setup(self, vm) -> None:
         """Called once, before dirty logging is turned on."""
+
+    def guard(self):
+        """A context the vCPU's stores run in (a lock against a concurrent harvest)."""
+        return contextlib.nullcontext()
+
+    def vcpu_exit(self, vm, vcpu) -> bool:
+        """The vCPU stopped before finishing its stores; True if handled (resume it)."""
+        return False
+
+    def counters(self) -> dict[str, int]:
+        """What the source did, for the report (empty: nothing to add)."""
+        return {}
 
     def harvest(self, vm, slots) -> list[np.ndarray]:
         """For each of ``slots`` (GuestSlots), the page offsets dirtied since the last harvest."""
@@ -65,6 +91,7 @@ class ManualProtectSource(DirtyLogSource):
     """
 
     name = "manual-protect"
+    rearms_before_send = True
 
     def __init__(self, clear_bitmap_shift: int = 18) -> None:
         if not 6 <= clear_bitmap_shift <= 31:
@@ -98,6 +125,125 @@ class ManualProtectSource(DirtyLogSource):
     def describe(self) -> str:
         return f"{self.name} (chunks of {1 << self.chunk_shift} pages" + \
             (", initially set)" if self.initially_set else ")")
+
+
+RING_CAPS = (uapi.KVM_CAP_DIRTY_LOG_RING, uapi.KVM_CAP_DIRTY_LOG_RING_ACQ_REL)
+DEFAULT_RING_BYTES = 65536
+"""4096 entries of 16 bytes: what api.rst recommends at least."""
+
+
+def ring_archs() -> list[str]:
+    """The installed archs whose model offers a dirty ring (for error messages)."""
+    import kvmcore
+
+    names = []
+    for name in kvmcore.available_archs():
+        try:
+            vm = kvmcore.create_vm(name)
+            if any(vm.check_extension(c) for c in RING_CAPS):
+                names.append(name)
+        except Exception:  # a plugin that does not load offers nothing
+            continue
+    return names
+
+
+class RingSource(DirtyLogSource):
+    """The per-vCPU dirty ring: harvest every ring, reset, then the pages may be read.
+
+    ``KVM_CAP_DIRTY_LOG_RING`` is enabled where the arch offers it (x86, TSO), else
+    ``KVM_CAP_DIRTY_LOG_RING_ACQ_REL`` (arm64), with ``size_bytes`` per vCPU, before
+    any vCPU exists.  The VM is ring-only: KVM drops the VMM's own writes, so
+    :attr:`needs_vmm_log` asks the engine for its own log of device writes.
+    """
+
+    name = "dirty-ring"
+    needs_vmm_log = True
+
+    def __init__(self, size_bytes: int = DEFAULT_RING_BYTES) -> None:
+        if isinstance(size_bytes, bool) or not isinstance(size_bytes, int):
+            raise ValueError(f"dirty ring size must be a whole number of bytes, not {size_bytes!r}")
+        self.size_bytes = size_bytes
+        self.cap = 0
+        self.entries = 0          # ring entries per vCPU
+        self.harvested = 0        # entries collected, over all harvests and reaps
+        self.ring_full_exits = 0  # KVM_EXIT_DIRTY_RING_FULL seen by the vCPU
+        self.resets = 0           # KVM_RESET_DIRTY_RINGS calls
+        self.reset_entries = 0    # entries those resets re-armed
+        self._buffer: list[np.ndarray] = []
+        self._lock = threading.RLock()
+
+    def prepare(self, vm) -> None:
+        cap = next((c for c in RING_CAPS if vm.check_extension(c)), 0)
+        if not cap:
+            offered = ring_archs() if getattr(vm, "backend", "sim") == "sim" else []
+            where = f"; archs with a ring: {', '.join(offered)}" if offered else ""
+            raise ValueError(f"arch {vm.arch!r} offers no dirty ring (KVM_CAP_DIRTY_LOG_RING or _ACQ_REL)"
+                             f"{where}")
+        top = int(vm.check_extension(cap))
+        try:
+            vm.enable_cap(cap, self.size_bytes)
+        except KvmError as exc:
+            name = "KVM_CAP_DIRTY_LOG_RING" if cap == uapi.KVM_CAP_DIRTY_LOG_RING else \
+                "KVM_CAP_DIRTY_LOG_RING_ACQ_REL"
+            raise ValueError(f"dirty ring size {self.size_bytes} bytes refused by {name} "
+                             f"({errno.errorcode.get(exc.errno, exc.errno)}): it must be a power of two, at least "
+                             f"a page and the reserved entries x 16 bytes, and at most {top} bytes") from None
+        self.cap = cap
+        self.entries = self.size_bytes // 16
+
+    def guard(self):
+        return self._lock
+
+    def vcpu_exit(self, vm, vcpu) -> bool:
+        if vcpu.exit_reason != uapi.KVM_EXIT_DIRTY_RING_FULL:
+            return False
+        with self._lock:
+            self.ring_full_exits += 1
+            self._reap(vm)
+        return True
+
+    def _collect(self, vm) -> None:
+        """Harvest every vCPU's ring into the buffer (marks the entries collected)."""
+        for vcpu in vm.vcpus:
+            got = vcpu.harvest_dirty_ring()
+            if len(got):
+                self._buffer.append(got)
+                self.harvested += len(got)
+
+    def _reset(self, vm) -> None:
+        self.reset_entries += int(vm.reset_dirty_rings() or 0)
+        self.resets += 1
+
+    def _reap(self, vm) -> None:
+        """QEMU's ``kvm_dirty_ring_reap``: collect every ring, then reset them all."""
+        self._collect(vm)
+        self._reset(vm)
+
+    def harvest(self, vm, slots) -> list[np.ndarray]:
+        with self._lock:
+            self._reap(vm)
+            got = np.concatenate(self._buffer) if self._buffer else np.zeros(0, HARVEST_DTYPE)
+            self._buffer = []
+        return _bucket(got, slots)
+
+    def counters(self) -> dict[str, int]:
+        return {"size": self.size_bytes, "entries": self.entries, "harvested": self.harvested,
+                "ring-full-exits": self.ring_full_exits, "resets": self.resets,
+                "reset-entries": self.reset_entries}
+
+    def describe(self) -> str:
+        return f"{self.name} ({self.entries} entries per vCPU)"
+
+
+def _bucket(entries: np.ndarray, slots) -> list[np.ndarray]:
+    """Ring entries ``(slot, offset)`` as page offsets per guest slot (address space 0),
+    each sorted and unique; an entry naming no slot of the guest, or a page past its
+    end, is dropped (KVM itself skips such entries at reset)."""
+    out = []
+    for s in slots:
+        sel = entries["offset"][entries["slot"] == s.slot].astype(np.int64)
+        out.append(np.unique(sel[(sel >= 0) & (sel < s.npages)]))
+    return out
 
 
 def _logged_pages(vm, slot) -> np.ndarray:

@@ -19,6 +19,20 @@ kernel alike:
 5. the destination's memory is compared with the source's, byte for byte
    (``verified``), and logging is turned off.
 
+Zero pages: a page that was never written is zero, and QEMU sends it as a zero
+("duplicate") page of 9 bytes.  Host memory is reserved lazily, so a 1 TiB guest
+that has used 64 MiB costs 64 MiB, and reading every page to find it is zero would
+cost minutes and the page tables of 1 TiB.  So the full pass sends the pages the
+guest wrote before logging started (:attr:`Guest.prewritten`, all of them unless
+the guest is sparse) as QEMU does, reading each and detecting zeros, and counts
+every other page as a zero page without reading it.  That is right whatever
+happens meanwhile: a page the guest writes after logging started is in the log, and
+a later round sends it.  The check then compares only the pages that can differ:
+those written before the migration, those any store (vCPU or device) went to, as
+the driver records them independently of any log, and those copied to the
+destination.  Every other page was never written on either side, so it is zero on
+both (lazily allocated) by construction.
+
 Auto-converge is QEMU's: at a sync at least one second after the last check, if
 the bytes dirtied in the period exceed ``throttle-trigger-threshold`` % of the
 bytes sent, a counter goes up; at 2 the guest is throttled (``cpu-throttle-initial``
@@ -32,7 +46,8 @@ from typing import Any, Protocol
 import attrs
 import numpy as np
 
-from kvmcore.migration.dirtylog import BitmapSource, DirtyLogSource, ManualProtectSource
+from kvmcore.hostmem import lazy_zeros
+from kvmcore.migration.dirtylog import BitmapSource, DirtyLogSource, ManualProtectSource, RingSource
 from kvmcore.migration.driver import GuestDriver
 from kvmcore.migration.guest import Guest, GuestSpec
 from kvmcore.migration.params import MigrationParameters
@@ -49,6 +64,11 @@ ZERO_PAGE_BYTES = PAGE_HEADER_BYTES + 1
 THROTTLE_PERIOD_S = 1.0
 """QEMU looks at the dirty rate once a second at most (``migration_bitmap_sync``)."""
 _VERIFY_CHUNK = 16 << 20
+_RANGE_PAGES = 1 << 16
+"""The full pass looks at memory this many pages at a time (to skip the zero pages)."""
+MAX_FILLED_MEMORY = 64 << 30
+"""Above this, only a guest that populated part of its memory (``sparse``) is built:
+filling every page of a bigger one would take the model minutes and all its RAM."""
 
 
 class Progress(Protocol):
@@ -79,7 +99,10 @@ class Precopy:
     duplicate: int = attrs.field(default=0, init=False)
     sync_count: int = attrs.field(default=0, init=False)
     throttle: int = attrs.field(default=0, init=False)
-    _pending: list[np.ndarray] = attrs.field(factory=list, init=False)
+    _pending: list[np.ndarray] = attrs.field(factory=list, init=False)  # sorted page offsets per slot
+    _copied: list[list[np.ndarray]] = attrs.field(factory=list, init=False)
+    _sparse_check: bool = attrs.field(default=False, init=False)
+    checked_pages: int = attrs.field(default=0, init=False)
     _src: list[np.ndarray] = attrs.field(factory=list, init=False)
     _dst: list[np.ndarray] = attrs.field(factory=list, init=False)
     _period_start: float = attrs.field(default=0.0, init=False)
@@ -98,8 +121,11 @@ class Precopy:
         ps = guest.page_size
         stats_before = _counters(vm)
         self._src = [vm.memory(s.slot).reshape(s.npages, ps) for s in guest.slots]
-        self._dst = [np.zeros((s.npages, ps), np.uint8) for s in guest.slots]
-        self._pending = [np.ones(s.npages, bool) for s in guest.slots]
+        self._dst = [lazy_zeros(s.npages * ps).reshape(s.npages, ps) for s in guest.slots]
+        self._pending = [np.zeros(0, np.int64) for _ in guest.slots]
+        prewritten = guest.prewritten or [None] * len(guest.slots)
+        self._sparse_check = all(p is not None for p in prewritten)
+        self._copied = [[] for _ in guest.slots]
         try:
             timing.start()
             self.source.setup(vm)
@@ -136,11 +162,11 @@ class Precopy:
         start = self.timing.now
         writes_before = self.driver.writes
         found = self._sync() if kind == "stop-copy" else 0
-        sent, zeros, nbytes = self._send_pending(iteration, kind)
+        sent, zeros, nbytes = self._send_full(iteration) if kind == "full" else self._send_pending(iteration, kind)
         if kind != "stop-copy":
             found = self._sync()
             self._period_pages += found
-        remaining = sum(int(p.sum()) for p in self._pending) * self.guest.page_size
+        remaining = sum(len(p) for p in self._pending) * self.guest.page_size
         record = RoundRecord(
             iteration=iteration, kind=kind, start_time=start, duration=self.timing.now - start,
             pages_sent=sent, zero_pages=zeros, bytes_sent=nbytes, dirty_pages=found, remaining=remaining,
@@ -157,25 +183,89 @@ class Precopy:
         found = 0
         logged = self.source.harvest(self.guest.vm, self.guest.slots)
         for i, pending in enumerate(self._pending):
-            before = int(np.count_nonzero(pending))
-            pending[logged[i]] = True
-            pending[self.vmm.harvest(i)] = True
-            found += int(np.count_nonzero(pending)) - before
+            merged = np.union1d(pending, np.union1d(np.asarray(logged[i], np.int64), self.vmm.harvest(i)))
+            found += len(merged) - len(pending)
+            self._pending[i] = merged
         self.sync_count += 1
         return found
+
+    def _send_full(self, iteration: int) -> tuple[int, int, int]:
+        """Round 1: every page, slot by slot and chunk by chunk.  The pages written
+        before logging started are read and sent (a zero one as a zero page); the
+        others were never written and are counted as zero pages unread."""
+        guest = self.guest
+        vm = guest.vm
+        if self.progress is not None:
+            self.progress.round_started(iteration, "full", guest.npages)
+        bandwidth = self.params.max_bandwidth
+        batch = self._batch_pages()
+        chunk = 1 << min(self.source.chunk_shift, 40)
+        # a whole number of batches, so a filled guest is sent in the same batches as one chunk at a time
+        span = batch * max(1, _RANGE_PAGES // batch)
+        prewritten = guest.prewritten or [None] * len(guest.slots)
+        sent = zeros = nbytes = 0
+        for i, s in enumerate(guest.slots):
+            pre = prewritten[i]
+            for c0 in range(0, s.npages, chunk):
+                c1 = min(s.npages, c0 + chunk)
+                if self.source.rearms_before_send:
+                    self.source.before_send(vm, s, np.arange(c0, c1, dtype=np.int64))
+                for a in range(c0, c1, span):
+                    b = min(c1, a + span)
+                    if pre is None:
+                        written = np.arange(a, b, dtype=np.int64)
+                    else:
+                        lo, hi = np.searchsorted(pre, (a, b))
+                        written = pre[lo:hi]
+                    for k in range(0, len(written), batch):
+                        part = written[k:k + batch]
+                        part_bytes, part_zeros = self._copy(i, part)
+                        self.timing.send(part_bytes / bandwidth)
+                        sent += len(part)
+                        zeros += part_zeros
+                        nbytes += part_bytes
+                    unwritten = (b - a) - len(written)
+                    if unwritten:
+                        part_bytes, part_zeros = self._send_unwritten(unwritten)
+                        sent += unwritten
+                        zeros += part_zeros
+                        nbytes += part_bytes
+                    if self.progress is not None:
+                        self.progress.advance(b - a)
+        return sent, zeros, nbytes
+
+    def _send_unwritten(self, n: int) -> tuple[int, int]:
+        """``n`` never-written pages: zero pages (9 bytes each), or, with zero-page
+        detection off, normal pages of zeros the destination already holds."""
+        ps = self.guest.page_size
+        zero = self.params.zero_page_detection != "none"
+        each = ZERO_PAGE_BYTES if zero else ps + PAGE_HEADER_BYTES
+        step = max(1, int(self.params.max_bandwidth * self.params.time_step_ms / 1000.0 / each))
+        for a in range(0, n, step):
+            self.timing.send(min(step, n - a) * each / self.params.max_bandwidth)
+        nbytes = n * each
+        self.transferred += nbytes
+        if zero:
+            self.duplicate += n
+        else:
+            self.normal += n
+        return nbytes, n if zero else 0
+
+    def _batch_pages(self) -> int:
+        """Normal pages the link carries in one time step."""
+        step = self.params.max_bandwidth * self.params.time_step_ms / 1000.0
+        return max(1, int(step / (self.guest.page_size + PAGE_HEADER_BYTES)))
 
     def _send_pending(self, iteration: int, kind: str) -> tuple[int, int, int]:
         """Send every pending page; returns (pages, zero pages, bytes)."""
         vm = self.guest.vm
-        todo = [np.flatnonzero(p) for p in self._pending]
-        for p in self._pending:
-            p[:] = False
+        todo = self._pending
+        self._pending = [np.zeros(0, np.int64) for _ in todo]
         total = sum(len(t) for t in todo)
         if self.progress is not None:
             self.progress.round_started(iteration, kind, total)
-        ps = self.guest.page_size
         bandwidth = self.params.max_bandwidth
-        batch = max(1, int(bandwidth * self.params.time_step_ms / 1000.0 / (ps + PAGE_HEADER_BYTES)))
+        batch = self._batch_pages()
         shift = self.source.chunk_shift
         sent = zeros = nbytes = 0
         for i, s in enumerate(self.guest.slots):
@@ -205,6 +295,8 @@ class Precopy:
         else:
             block = self._src[i][pages]
             self._dst[i][pages] = block
+        if self._sparse_check:
+            self._copied[i].append(pages)
         zero = 0
         if self.params.zero_page_detection != "none":
             zero = len(pages) - int(np.count_nonzero(block.view(np.uint64).any(axis=1)))
@@ -233,14 +325,32 @@ class Precopy:
         self._period_start, self._period_pages, self._period_xfer = now, 0, self.transferred
 
     def _verify(self) -> int:
-        """Pages whose destination copy differs from the source (0: verified)."""
-        bad = 0
-        for src, dst in zip(self._src, self._dst, strict=True):
+        """Pages whose destination copy differs from the source (0: verified).
+
+        Every page, unless the guest is sparse: then the pages that can differ (see
+        the module docstring); the others are zero on both sides."""
+        bad = checked = 0
+        if not self._sparse_check:
+            for src, dst in zip(self._src, self._dst, strict=True):
+                step = max(1, _VERIFY_CHUNK // src.shape[1])
+                for a in range(0, len(src), step):
+                    s = src[a:a + step].view(np.uint64)
+                    d = dst[a:a + step].view(np.uint64)
+                    bad += int(np.count_nonzero((s != d).any(axis=1)))
+                checked += len(src)
+            self.checked_pages = checked
+            return bad
+        guest = self.guest
+        index, offsets = guest.locate(self.driver.written_pages())
+        for i, (src, dst) in enumerate(zip(self._src, self._dst, strict=True)):
+            parts = [guest.prewritten[i], offsets[index == i], *self._copied[i]]
+            pages = np.unique(np.concatenate([np.asarray(p, np.int64) for p in parts]))
             step = max(1, _VERIFY_CHUNK // src.shape[1])
-            for a in range(0, len(src), step):
-                s = src[a:a + step].view(np.uint64)
-                d = dst[a:a + step].view(np.uint64)
-                bad += int(np.count_nonzero((s != d).any(axis=1)))
+            for a in range(0, len(pages), step):
+                part = pages[a:a + step]
+                bad += int(np.count_nonzero((src[part].view(np.uint64) != dst[part].view(np.uint64)).any(axis=1)))
+            checked += len(pages)
+        self.checked_pages = checked
         return bad
 
     # -- the report ----------------------------------------------------------------
@@ -265,7 +375,8 @@ class Precopy:
             throttle=self.throttle, ram=ram, rounds=tuple(self.rounds), params=self.params, guest=self.info,
             time_model=self.timing.name, dirty_log=self.source.describe(),
             guest_writes=self.driver.writes - self.driver.device_writes, device_writes=self.driver.device_writes,
-            guest_reads=self.driver.reads, kvm_stats=kvm_stats)
+            guest_reads=self.driver.reads, kvm_stats=kvm_stats, checked_pages=self.checked_pages,
+            dirty_ring=self.source.counters())
 
 
 def _counters(vm) -> dict[str, int]:
@@ -313,12 +424,30 @@ def build(vm, *, guest: GuestSpec | None = None, workload: Workload | None = Non
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be a whole number of at least 0, not {seed!r}")
     fill_seq, work_seq, drive_seq = np.random.SeedSequence(seed).spawn(3)
-    g = Guest.create(vm, spec, np.random.default_rng(fill_seq))
-    stream = workload.start(g.layout(), np.random.default_rng(work_seq))
+    layout = Guest.plan(vm, spec)
+    ps = int(vm.page_size)
+    if workload.kind != "sparse" and spec.memory > MAX_FILLED_MEMORY:
+        raise ValueError(f"a {spec.memory >> 30} GiB guest with the {workload.kind} workload would have all of its "
+                         f"memory filled and walked (more than {MAX_FILLED_MEMORY >> 30} GiB): use the sparse workload "
+                         "for a big guest with a small working set")
+    stream = workload.start([(slot, size // ps) for slot, _, size in layout], np.random.default_rng(work_seq))
+    populated = getattr(stream, "populated", None)
+    if params.dirty_ring:
+        source: DirtyLogSource = RingSource(params.dirty_ring_size)
+    elif params.manual_protect:
+        source = ManualProtectSource(params.clear_bitmap_shift)
+    else:
+        source = BitmapSource()
+    if source.needs_vmm_log:
+        if device_log == "kvm":
+            raise ValueError(f"device writes through KVM (write_guest) are dropped in a ring-only VM; the "
+                             f"{source.name} needs the VMM's own log (device_log='vmm')")
+        device_log = "vmm"
+    source.prepare(vm)
+    g = Guest.create(vm, spec, np.random.default_rng(fill_seq), populated=populated)
     vmm = VmmDirtyLog(g, through_kvm=None if device_log is None else device_log == "kvm")
-    driver = GuestDriver(g, workload, stream, vmm, np.random.default_rng(drive_seq))
+    driver = GuestDriver(g, workload, stream, vmm, np.random.default_rng(drive_seq), source=source)
     timing = VirtualTime(driver) if time == "virtual" else RealTime(driver)
-    source = ManualProtectSource(params.clear_bitmap_shift) if params.manual_protect else BitmapSource()
     info = {
         "arch": vm.arch, "backend": backend, "memory": g.memory_bytes, "page-size": g.page_size,
         "host-page-size": spec.host_page_size or (4096 if backend == "sim" else None), "seed": seed,

@@ -9,6 +9,13 @@ Before migration the guest's memory holds data (``prefill``: the host writes a
 pattern, which KVM does not log) and the guest has touched its memory at a 2 MiB
 stride (``warmup_stride``), so that memory backed by 2M or 1G host pages is mapped
 with blocks when logging starts, as in a guest that has been running.
+
+A guest may instead have *populated* only some pages (the ``sparse`` workload's
+working set): then only those are filled and touched, and the rest of its memory
+was never written, which host memory reserved lazily (``MAP_NORESERVE``) does not
+even allocate.  :attr:`Guest.prewritten` says, per slot, which pages were written
+before the migration (None: possibly all), so the engine can count the others as
+zero pages without reading them.
 """
 
 from __future__ import annotations
@@ -76,10 +83,12 @@ class Guest:
     spec: GuestSpec
     slots: tuple[GuestSlot, ...]
     page_size: int
+    prewritten: list = attrs.field(factory=list)
 
-    @classmethod
-    def create(cls, vm, spec: GuestSpec, rng: np.random.Generator) -> Guest:
-        """Make the memslots, fill them, create vCPU 0 and let it touch its memory."""
+    @staticmethod
+    def plan(vm, spec: GuestSpec) -> list[tuple[int, int, int]]:
+        """(slot id, gpa, bytes) of each memslot ``spec`` asks for on ``vm``; ValueError
+        if the sizes do not fit the arch's page or its guest physical address space."""
         ps = int(vm.page_size)
         for name, value in (("memory", spec.memory), ("low memory limit", spec.low_memory_limit),
                             ("high memory base", spec.high_memory_base)):
@@ -90,14 +99,32 @@ class Guest:
         layout = [(0, 0, low)]
         if spec.memory > low:
             layout.append((1, spec.high_memory_base, spec.memory - low))
+        top = layout[-1][1] + layout[-1][2]
+        bits = _ipa_bits(vm)
+        if bits is not None and top > 1 << bits:
+            most = (1 << bits) - spec.high_memory_base + low if (1 << bits) > spec.high_memory_base else low
+            raise ValueError(f"guest memory of {_size(spec.memory)} reaches guest physical address {top:#x}, beyond "
+                             f"the {bits}-bit IPA space of arch {vm.arch!r}: at most {_size(most)} fits")
+        return layout
+
+    @classmethod
+    def create(cls, vm, spec: GuestSpec, rng: np.random.Generator, populated: np.ndarray | None = None) -> Guest:
+        """Make the memslots, fill them, create vCPU 0 and let it touch its memory.
+
+        With ``populated`` (guest page numbers), only those pages are filled and
+        touched; the rest of memory is left never written."""
+        ps = int(vm.page_size)
         slots, first = [], 0
-        for slot, gpa, size in layout:
+        for slot, gpa, size in cls.plan(vm, spec):
             vm.set_user_memory_region(slot, gpa, size, 0, host_page_size=spec.host_page_size)
             slots.append(GuestSlot(slot, gpa, size // ps, first, ps))
             first += size // ps
         guest = cls(vm, vm.create_vcpu(0), spec, tuple(slots), ps)
-        guest._fill(rng)
-        guest._warm_up()
+        if populated is None:
+            guest._fill(rng)
+            guest._warm_up()
+        else:
+            guest._populate(np.asarray(populated, np.int64), rng)
         return guest
 
     @property
@@ -133,11 +160,11 @@ class Guest:
 
     def _fill(self, rng: np.random.Generator) -> None:
         """Write a pattern (a hash of the address) to ``prefill`` of the pages, from the host."""
+        self.prewritten = [None if self.spec.prefill >= 1 else np.zeros(0, np.int64) for _ in self.slots]
         if self.spec.prefill <= 0:
             return
-        words_per_page = self.page_size // 8
         salt = np.uint64(int(rng.integers(0, 1 << 62)))
-        for s in self.slots:
+        for i, s in enumerate(self.slots):
             memory = self.vm.memory(s.slot).view(np.uint64)
             if self.spec.prefill >= 1:
                 for start in range(0, len(memory), _FILL_CHUNK // 8):
@@ -145,10 +172,27 @@ class Guest:
                     _fill_words(memory[start:end], s.gpa + start * 8, salt)
             else:
                 chosen = np.flatnonzero(rng.random(s.npages) < self.spec.prefill)
-                pages = memory.reshape(s.npages, words_per_page)
-                for part in np.array_split(chosen, max(1, len(chosen) * self.page_size // _FILL_CHUNK)):
-                    words = part[:, None] * words_per_page + np.arange(words_per_page)
-                    pages[part] = (_hash(np.uint64(s.gpa) + words.astype(np.uint64) * np.uint64(8), salt))
+                self._fill_pages(s, chosen, salt)
+                self.prewritten[i] = chosen
+
+    def _fill_pages(self, s: GuestSlot, chosen: np.ndarray, salt: np.uint64) -> None:
+        """The pattern in pages ``chosen`` (offsets) of slot ``s``."""
+        words_per_page = self.page_size // 8
+        pages = self.vm.memory(s.slot).view(np.uint64).reshape(s.npages, words_per_page)
+        for part in np.array_split(chosen, max(1, len(chosen) * self.page_size // _FILL_CHUNK)):
+            words = part[:, None] * words_per_page + np.arange(words_per_page)
+            pages[part] = (_hash(np.uint64(s.gpa) + words.astype(np.uint64) * np.uint64(8), salt))
+
+    def _populate(self, populated: np.ndarray, rng: np.random.Generator) -> None:
+        """Fill (if ``prefill``) and touch only the ``populated`` guest pages."""
+        salt = np.uint64(int(rng.integers(0, 1 << 62)))
+        index, offsets = self.locate(populated)
+        self.prewritten = [np.unique(offsets[index == i]) for i in range(len(self.slots))]
+        if self.spec.prefill > 0:
+            for s, chosen in zip(self.slots, self.prewritten, strict=True):
+                if len(chosen):
+                    self._fill_pages(s, chosen, salt)
+        self._store_once(np.unique(populated), "touch")
 
     def _warm_up(self) -> None:
         """The guest stores one word every ``warmup_stride`` bytes, before logging starts."""
@@ -157,11 +201,39 @@ class Guest:
             return
         step = max(1, stride // self.page_size)
         pages = np.arange(0, self.npages, step, dtype=np.int64)
+        index, offsets = self.locate(pages)
+        for i, pre in enumerate(self.prewritten):
+            if pre is not None:
+                self.prewritten[i] = np.union1d(pre, offsets[index == i])
+        self._store_once(pages, "warm-up")
+
+    def _store_once(self, pages: np.ndarray, what: str) -> None:
+        """The guest stores 1 to the first word of each of ``pages`` (logging is off)."""
         gpas = self.gpas(pages)
         done = self.vcpu.write_many(gpas, 1)
         if done != len(gpas):
-            raise RuntimeError(f"the guest's warm-up store to gpa {int(gpas[done]):#x} did not complete "
+            raise RuntimeError(f"the guest's {what} store to gpa {int(gpas[done]):#x} did not complete "
                                f"(exit reason {self.vcpu.exit_reason})")
+
+
+def _ipa_bits(vm) -> int | None:
+    geometry = getattr(vm, "geometry", None)
+    if geometry is None:
+        return None
+    bits = getattr(geometry, "ipa_bits", None)
+    if bits is None:
+        try:
+            bits = geometry.describe().get("ipa_bits")
+        except Exception:
+            return None
+    return int(bits) if bits else None
+
+
+def _size(n: int) -> str:
+    for unit, shift in (("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift:
+            return f"{n / (1 << shift):g} {unit}"
+    return f"{n} bytes"
 
 
 def _hash(addresses: np.ndarray, salt: np.uint64) -> np.ndarray:

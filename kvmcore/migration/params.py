@@ -73,6 +73,8 @@ class MigrationParameters:
     manual_protect: bool = False
     clear_bitmap_shift: int = attrs.field(default=DEFAULT_CLEAR_BITMAP_SHIFT)
     zero_page_detection: str = attrs.field(default="legacy")
+    dirty_ring: bool = False
+    dirty_ring_size: int = attrs.field(default=65536)
     time_step_ms: float = attrs.field(default=10, converter=_whole, validator=_positive)
 
     @max_iterations.validator
@@ -84,6 +86,15 @@ class MigrationParameters:
     def _check_shift(self, attribute, value) -> None:
         if not isinstance(value, int) or not 6 <= value <= 31:
             raise ValueError(f"x-clear-bitmap-shift must be 6..31 (chunks of 64 pages or more), not {value!r}")
+
+    @dirty_ring_size.validator
+    def _check_ring(self, attribute, value) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"dirty ring size must be a positive whole number of bytes, not {value!r}")
+
+    def __attrs_post_init__(self) -> None:
+        if self.dirty_ring and self.manual_protect:
+            raise ValueError("the dirty ring and manual protect are two dirty-log modes: choose one")
 
     @zero_page_detection.validator
     def _check_zero(self, attribute, value) -> None:
@@ -105,4 +116,6 @@ QEMU_NAMES = {
     "max_time_s": "max-time",
     "clear_bitmap_shift": "x-clear-bitmap-shift",
     "time_step_ms": "x-time-step",
+    "dirty_ring": "x-dirty-ring",
+    "dirty_ring_size": "x-dirty-ring-bytes",
 }

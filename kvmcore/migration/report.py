@@ -45,6 +45,11 @@ def summary_lines(report: MigrationReport) -> list[str]:
         f"guest work  {report.guest_writes:,} vCPU stores, {report.device_writes:,} device writes, "
         f"{report.guest_reads:,} loads",
     ]
+    if report.dirty_ring:
+        ring = report.dirty_ring
+        lines.append(f"dirty ring  {ring.get('entries', 0):,} entries per vCPU, "
+                     f"{ring.get('harvested', 0):,} harvested, {ring.get('ring-full-exits', 0):,} ring-full exits, "
+                     f"{ring.get('resets', 0):,} resets")
     if report.converged:
         lines.append(f"converged   yes, after {len(report.rounds) - 1} live round(s)")
     else:

@@ -123,6 +123,8 @@ class MigrationReport:
     device_writes: int
     guest_reads: int
     kvm_stats: dict[str, int]
+    checked_pages: int = 0
+    dirty_ring: dict[str, int] = attrs.field(factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """The report as JSON-ready data, QEMU's names first."""
@@ -146,5 +148,7 @@ class MigrationReport:
             "parameters": self.params.to_dict(),
             "guest": self.guest,
             "kvm-stats": self.kvm_stats,
+            "checked-pages": self.checked_pages,
+            **({"dirty-ring": dict(self.dirty_ring)} if self.dirty_ring else {}),
             "rounds": [r.to_dict() for r in self.rounds],
         }

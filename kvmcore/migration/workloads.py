@@ -8,6 +8,9 @@ The vocabulary is mig_mon's and the kernel selftests': a workload writes pages a
   ``hot_weight`` of the writes, the other pages the rest (80/20 by default);
 * ``sweep``    page after page through all memory, round and round;
 * ``once``     every page once, in order, then the guest idles;
+* ``sparse``   a big guest that has used little of its memory: a scattered working
+  set of ``working_set`` pages holds data and takes every write; the rest of memory
+  was never written (zero pages, which the host has not even allocated);
 * ``trace``    replay of recorded writes (``slot offset`` pairs, as a dirty-ring
   export writes them), once, in order, then the guest idles.
 
@@ -27,7 +30,9 @@ from collections.abc import Sequence
 import attrs
 import numpy as np
 
-KINDS = ("uniform", "hotset", "sweep", "once", "trace")
+KINDS = ("uniform", "hotset", "sweep", "once", "sparse", "trace")
+DEFAULT_WORKING_SET = 16384
+"""Pages in the ``sparse`` working set: 64 MiB of 4K pages."""
 
 
 @attrs.frozen(eq=False)
@@ -121,7 +126,13 @@ class Workload:
     device_fraction: float = attrs.field(default=0.0, validator=_fraction(low_open=False))
     hot_fraction: float = attrs.field(default=0.2, validator=_fraction(low_open=True))
     hot_weight: float = attrs.field(default=0.8, validator=_fraction(low_open=False))
+    working_set: int = attrs.field(default=DEFAULT_WORKING_SET)
     trace: Trace | None = None
+
+    @working_set.validator
+    def _check_working_set(self, attribute, value) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"working set must be a whole number of pages, at least 1, not {value!r}")
 
     @kind.validator
     def _check_kind(self, attribute, value) -> None:
@@ -147,6 +158,8 @@ class Workload:
                                   "write-fraction": self.write_fraction, "device-fraction": self.device_fraction}
         if self.kind == "hotset":
             out.update({"hot-fraction": self.hot_fraction, "hot-weight": self.hot_weight})
+        if self.kind == "sparse":
+            out["working-set-pages"] = self.working_set
         if self.trace is not None:
             out.update({"trace": self.trace.source, "trace-writes": len(self.trace)})
         return out
@@ -163,6 +176,8 @@ class Workload:
             return SequenceStream(np.arange(npages, dtype=np.int64), repeat=True)
         if self.kind == "once":
             return SequenceStream(np.arange(npages, dtype=np.int64), repeat=False)
+        if self.kind == "sparse":
+            return SparseStream.build(npages, rng, self.working_set)
         return SequenceStream(trace_pages(self.trace, slots), repeat=False)
 
 
@@ -235,6 +250,25 @@ class HotSetStream(PageStream):
         if n - k:
             out[~to_hot] = self.cold[self.rng.integers(0, len(self.cold), n - k)]
         return out
+
+
+@attrs.define
+class SparseStream(PageStream):
+    """Uniform writes to a scattered working set; :attr:`populated` is that set (the
+    only pages that hold data before the migration)."""
+
+    populated: np.ndarray
+    rng: np.random.Generator
+
+    @classmethod
+    def build(cls, npages: int, rng: np.random.Generator, working_set: int) -> SparseStream:
+        """``working_set`` pages (at most all of them) drawn without a permutation of
+        all pages, so a 1 TiB guest costs what its working set does."""
+        k = min(npages, working_set)
+        return cls(np.sort(rng.choice(npages, k, replace=False).astype(np.int64)), rng)
+
+    def take(self, n: int) -> np.ndarray:
+        return self.populated[self.rng.integers(0, len(self.populated), n)]
 
 
 @attrs.define
