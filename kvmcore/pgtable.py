@@ -560,22 +560,22 @@ class PageTable:
         offsets = np.cumsum(lens) - lens
         pos = np.repeat(first.row[reached] * nent + first.idx[reached] - offsets, lens) + \
             np.arange(int(lens.sum()), dtype=np.int64)   # every entry of every range, in order
-        flat = self._tabs[last].reshape(-1)
-        old = flat[pos]
-        pos = pos[((old & np.uint64(PTE_VALID)) != 0) & ((old & np.uint64(bits)) != 0)]
         s, e = starts[which], ends[which]
         if len(s) > 1 and not (s[1:] >= e[:-1]).all():
             pos = unique(pos)          # ranges that overlap (a ring reset's runs may)
-        if not len(pos):
-            return 0, done
+        flat = self._tabs[last].reshape(-1)
         old = flat[pos]
-        flat[pos] = old & ~np.uint64(bits)
+        flat[pos] = old & ~np.uint64(bits)   # an invalid entry, or one without the bits, stays as it was
+        hit = ((old & np.uint64(PTE_VALID)) != 0) & ((old & np.uint64(bits)) != 0)
+        changed = int(np.count_nonzero(hit))
         if bits & PTE_W:
-            nw = int(np.count_nonzero(old & np.uint64(PTE_W)))
+            nw = int(np.count_nonzero(hit & ((old & np.uint64(PTE_W)) != 0)))
             self._bump("leaves_write_protected", nw)
             self._bump("pages_write_protected", nw)
-        self._report_runs(self._base[last][pos // nent] + (pos % nent), 1)
-        return len(pos), done
+        if self.reporting and changed:
+            pos = pos[hit]
+            self._report_runs(self._base[last][pos // nent] + (pos % nent), 1)
+        return changed, done
 
     def clear_bits(self, gfns: np.ndarray, bits: int, min_level: int | None = None,
                    max_level: int = LAST_LEVEL) -> int:
