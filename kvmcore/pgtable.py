@@ -535,6 +535,8 @@ class PageTable:
         if lo <= LAST_LEVEL <= max_level:
             starts, ends = _split_at(starts, ends, self._nent[-1])
             changed, done = self._clear_bits_in_last_tables(starts, ends, bits)
+            if lo == LAST_LEVEL:  # what no last-level table maps has no page leaves
+                return changed
             starts, ends = starts[~done], ends[~done]
         lens = ends - starts
         if not len(lens):
@@ -545,27 +547,35 @@ class PageTable:
     def _clear_bits_in_last_tables(self, starts: np.ndarray, ends: np.ndarray, bits: int) -> tuple[int, np.ndarray]:
         """The fast case of :meth:`clear_bits_ranges`: ranges that each lie in one
         last-level table span are cleared, where that table exists, as runs of its
-        row: one walk per range rather than per page.  Returns the leaves changed and
-        which ranges it took."""
-        last = len(self._levels) - 1
-        nent = self._nent[last]
-        done = np.zeros(len(starts), bool)
-        first = self.lookup(starts)
-        reached = first.li == last  # the walk got to the last level: its table covers the range
+        row: no walk at all.  Returns the leaves changed and which ranges it took."""
+        first, reached = self._last_level_positions(starts)  # the table covers the range
         which = np.flatnonzero(reached)
+        done = np.zeros(len(starts), bool)
+        done[which] = True
         if not len(which):
             return 0, done
-        done[which] = True
         lens = (ends - starts)[which]
         offsets = np.cumsum(lens) - lens
-        pos = np.repeat(first.row[reached] * nent + first.idx[reached] - offsets, lens) + \
-            np.arange(int(lens.sum()), dtype=np.int64)   # every entry of every range, in order
+        pos = np.repeat(first[which] - offsets, lens) + np.arange(int(lens.sum()), dtype=np.int64)
         s, e = starts[which], ends[which]
         if len(s) > 1 and not (s[1:] >= e[:-1]).all():
             pos = unique(pos)          # ranges that overlap (a ring reset's runs may)
-        flat = self._tabs[last].reshape(-1)
+        return self._clear_last_level(pos, bits), done
+
+    def _last_level_positions(self, gfns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Where each gfn's last-level entry is in the flat last-level storage, and
+        whether a last-level table maps its span at all."""
+        nent = self._nent[-1]
+        rows = self._last_row[np.clip(gfns, 0, self.geometry.max_gfn - 1) // nent].astype(np.int64) - 1
+        return rows * nent + gfns % nent, (rows >= 0) & (gfns >= 0) & (gfns < self.geometry.max_gfn)
+
+    def _clear_last_level(self, pos: np.ndarray, bits: int) -> int:
+        """Clear ``bits`` on the last-level entries at flat positions ``pos`` (distinct):
+        one gather and one scatter; an invalid entry, or one without the bits, stays."""
+        nent = self._nent[-1]
+        flat = self._tabs[-1].reshape(-1)
         old = flat[pos]
-        flat[pos] = old & ~np.uint64(bits)   # an invalid entry, or one without the bits, stays as it was
+        flat[pos] = old & ~np.uint64(bits)
         hit = ((old & np.uint64(PTE_VALID)) != 0) & ((old & np.uint64(bits)) != 0)
         changed = int(np.count_nonzero(hit))
         if bits & PTE_W:
@@ -574,14 +584,18 @@ class PageTable:
             self._bump("pages_write_protected", nw)
         if self.reporting and changed:
             pos = pos[hit]
-            self._report_runs(self._base[last][pos // nent] + (pos % nent), 1)
-        return changed, done
+            self._report_runs(self._base[-1][pos // nent] + (pos % nent), 1)
+        return changed
 
     def clear_bits(self, gfns: np.ndarray, bits: int, min_level: int | None = None,
                    max_level: int = LAST_LEVEL) -> int:
         """Clear ``bits`` on the valid leaves mapping ``gfns``; returns the leaves changed."""
-        leaves = self.lookup(gfns)
         lo = self.geometry.start_level if min_level is None else min_level
+        if lo == max_level == LAST_LEVEL:   # pages only (x86's rmap walk): no walk needed
+            gfns = unique(np.asarray(gfns, np.int64))
+            pos, mapped = self._last_level_positions(gfns)
+            return self._clear_last_level(pos[mapped], bits)
+        leaves = self.lookup(gfns)
         sel = leaves.valid & ((leaves.pte & np.uint64(bits)) != 0) & (leaves.level >= lo) & (leaves.level <= max_level)
         if not sel.any():
             return 0

@@ -415,18 +415,15 @@ def enable_log_dirty_pt_masked_batch(kvm: Vm, slot: Memslot, gfn_offsets: np.nda
             cross[:] = False
         probes = np.concatenate([starts, ends[cross]])
         pt.clear_bits(probes, PTE_W | MMU_WRITABLE, max_level=PG_LEVEL_2M)
-    # The rmap walk of every set bit, as runs of consecutive gfns (one page-table walk a
-    # run): a word whose bits are one run is its [__ffs, __fls] range, others bit by bit.
-    one_run = contiguous(masks)
-    words, cols = np.nonzero(_mask_bits(masks[~one_run]))
-    scattered = slot.base_gfn + offsets[~one_run][words] + cols
-    breaks = np.flatnonzero(np.diff(scattered) != 1) + 1
-    base = slot.base_gfn + offsets[one_run]
+    # The rmap walk of every set bit, at the 4K level: a word whose set bits form one
+    # run as its [__ffs, __fls] range, the others bit by bit.
     bit = PTE_D if st.pml else PTE_W
-    for starts_, ends_ in ((base + first[one_run], base + last1[one_run]),
-                           (scattered[np.r_[0, breaks]], scattered[np.r_[breaks - 1, len(scattered) - 1]] + 1)
-                           if len(scattered) else (scattered, scattered)):
-        pt.clear_bits_ranges(starts_, ends_, bit, min_level=PG_LEVEL_4K, max_level=PG_LEVEL_4K)
+    one_run = contiguous(masks)
+    base = slot.base_gfn + offsets
+    pt.clear_bits_ranges(base[one_run] + first[one_run], base[one_run] + last1[one_run], bit,
+                         min_level=PG_LEVEL_4K, max_level=PG_LEVEL_4K)
+    words, cols = np.nonzero(_mask_bits(masks[~one_run]))
+    pt.clear_bits(base[~one_run][words] + cols, bit, min_level=PG_LEVEL_4K, max_level=PG_LEVEL_4K)
 
 
 def kvm_mmu_slot_remove_write_access(kvm: Vm, slot: Memslot, min_level: int) -> None:
