@@ -20,3 +20,10 @@ def contiguous(masks: np.ndarray) -> np.ndarray:
     first, _ = ffs_fls(m)
     run = m >> first.astype(np.uint64)
     return (run & (run + np.uint64(1))) == 0
+
+
+def bit_positions(masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Every set bit of 64-bit words, as (word index, bit) arrays in ascending order."""
+    m = np.ascontiguousarray(np.asarray(masks).astype("<u8"))
+    flat = np.flatnonzero(np.unpackbits(m.view(np.uint8), bitorder="little").view(bool))
+    return flat >> 6, flat & 63

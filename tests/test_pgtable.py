@@ -148,3 +148,12 @@ def test_ffs_fls_and_contiguous_match_the_scalar_definitions(words):
     for w, f, l1, run in zip(words, first.tolist(), last1.tolist(), runs.tolist()):
         assert (f, l1) == ((w & -w).bit_length() - 1, w.bit_length())
         assert run == (w >> f == (1 << (l1 - f)) - 1)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.integers(0, (1 << 64) - 1), max_size=20))
+def test_bit_positions_lists_every_set_bit_in_order(words):
+    from kvmcore.bitops import bit_positions
+
+    w, b = bit_positions(np.array(words, np.uint64))
+    assert list(zip(w.tolist(), b.tolist())) == [(i, j) for i, x in enumerate(words) for j in range(64) if x >> j & 1]

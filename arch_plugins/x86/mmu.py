@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from arch_plugins.x86.config import HUGE_LEVELS, PG_LEVEL_1G, PG_LEVEL_2M, PG_LEVEL_4K, state
-from kvmcore.bitops import contiguous, ffs_fls
+from kvmcore.bitops import bit_positions, contiguous, ffs_fls
 from kvmcore.hostmem import lazy_zeros
 from kvmcore.memslot import MemslotChange
 from kvmcore.pgtable import PTE_ADDR_SHIFT, PTE_D, PTE_SW0, PTE_VALID, PTE_W, unique
@@ -385,12 +385,6 @@ def kvm_arch_mmu_enable_log_dirty_pt_masked(kvm: Vm, slot: Memslot, gfn_offset: 
         mask &= mask - 1
 
 
-def _mask_bits(masks: np.ndarray) -> np.ndarray:
-    """Each 64-bit mask as a row of 64 bits, bit i in column i."""
-    le = np.asarray(masks, np.uint64).astype("<u8")
-    return np.unpackbits(le.view(np.uint8).reshape(-1, 8), axis=1, bitorder="little")
-
-
 def enable_log_dirty_pt_masked_batch(kvm: Vm, slot: Memslot, gfn_offsets: np.ndarray, masks: np.ndarray) -> None:
     """:func:`kvm_arch_mmu_enable_log_dirty_pt_masked` for every word of a GET or CLEAR,
     vectorised.  Same tables, counts and flushes as the per-word loop: the huge-page
@@ -422,7 +416,7 @@ def enable_log_dirty_pt_masked_batch(kvm: Vm, slot: Memslot, gfn_offsets: np.nda
     base = slot.base_gfn + offsets
     pt.clear_bits_ranges(base[one_run] + first[one_run], base[one_run] + last1[one_run], bit,
                          min_level=PG_LEVEL_4K, max_level=PG_LEVEL_4K)
-    words, cols = np.nonzero(_mask_bits(masks[~one_run]))
+    words, cols = bit_positions(masks[~one_run])
     pt.clear_bits(base[~one_run][words] + cols, bit, min_level=PG_LEVEL_4K, max_level=PG_LEVEL_4K)
 
 
