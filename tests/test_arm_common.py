@@ -321,7 +321,7 @@ def test_a_wrong_batch_hook_is_noticed():
     @kvmcore.hookimpl
     def kvm_mmu_write_protect_pt_masked_batch(kvm, slot, gfn_offsets, masks):
         from arch_plugins.arm_common import mask_ranges as ranges
-        from kvmcore.pgtable import PTE_D, PTE_W
+        from kvmcore.pgtable import PTE_W
         starts, ends = ranges(slot.base_gfn + gfn_offsets, masks)
         kvm.pgtable.clear_bits_ranges(starts, ends, PTE_W)
 
