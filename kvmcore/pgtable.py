@@ -289,6 +289,11 @@ class PageTable:
         gfns = np.asarray(gfns, dtype=np.int64)
         n = len(gfns)
         last, nlast = len(self._levels) - 1, self._nent[-1]
+        pos, short = self._last_level_positions(gfns)
+        if short.all():  # the common case on hot paths: every page under a last-level table
+            e = self._tabs[last].reshape(-1)[pos]
+            level = np.where((e & np.uint64(PTE_VALID)) != 0, LAST_LEVEL, NO_LEVEL).astype(np.int16)
+            return Leaves(level, e, np.full(n, last, np.int64), pos // nlast, pos % nlast)
         out = Leaves(np.full(n, NO_LEVEL, np.int16), np.zeros(n, np.uint64),
                      np.full(n, -1, np.int64), np.full(n, -1, np.int64), np.full(n, -1, np.int64))
         inside = (gfns >= 0) & (gfns < self.geometry.max_gfn)
