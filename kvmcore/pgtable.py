@@ -423,30 +423,27 @@ class PageTable:
         return broken
 
     def map_pages(self, gfns: np.ndarray, prot: int, tlbi: Tlbi) -> None:
-        """:meth:`map` at the last level for many distinct gfns at once.
+        """:meth:`map` at the last level for many distinct gfns at once, leaving the
+        tables exactly as calling :meth:`map` for each gfn in turn would.
 
-        Missing tables are allocated (one Python step per table, not per page); a gfn
-        under a block goes through :meth:`map`, with its break-before-make.  The
-        mappings and counts are those of calling :meth:`map` for each gfn in turn;
-        the rows new tables get may come in another order.
+        Where no last-level table maps a gfn's span yet (or a block does), the first
+        gfn of that span in the given order goes through :meth:`map`: it allocates the
+        tables (or breaks the block) in the order one-at-a-time calls would.  Every
+        other gfn is then one vectorised store.
         """
         gfns = np.asarray(gfns, np.int64)
         last = len(self._levels) - 1
-        while len(gfns):
-            leaves = self.lookup(gfns)
-            under_block = leaves.valid & (leaves.li < last)
-            for gfn in gfns[under_block].tolist():
+        leaves = self.lookup(gfns)
+        above = np.flatnonzero(leaves.li < last)
+        if len(above):
+            _, first = np.unique(gfns[above] // self._nent[last], return_index=True)
+            firsts = above[np.sort(first)]
+            for gfn in gfns[firsts].tolist():
                 self.map(gfn, LAST_LEVEL, prot, tlbi)
-            gfns, leaves = gfns[~under_block], _take(leaves, ~under_block)
-            missing = leaves.li < last
-            if not missing.any():
-                break
-            for li in distinct(leaves.li[missing]):
-                m = missing & (leaves.li == li)
-                keys = unique(leaves.row[m] * self._nent[li] + leaves.idx[m])
-                for row, idx in zip((keys // self._nent[li]).tolist(), (keys % self._nent[li]).tolist()):
-                    child = self._alloc_table(li + 1, self.entry_gfn(li, row, idx))
-                    self.set_entry(li, row, idx, (child << PTE_ADDR_SHIFT) | PTE_TABLE | PTE_VALID)
+            rest = np.ones(len(gfns), bool)
+            rest[firsts] = False
+            gfns = gfns[rest]
+            leaves = self.lookup(gfns)
         if not len(gfns):
             return
         tab = self._tabs[last]

@@ -445,10 +445,10 @@ def test_tables_are_allocated_in_fault_order(arch, opts, order):
 
     @kvmcore.hookimpl
     def address_order(kvm, vcpu, slot, gfns, write):
-        """Right but for the table order: unmapped pages while logging, in one map_pages."""
+        """Right but for the table order: unmapped pages while logging, mapped in address order."""
         if not slot.is_logging or kvm.pgtable.lookup(gfns).valid.any():
             return 0
-        kvm.pgtable.map_pages(gfns, PTE_D | (PTE_W if write else 0), tlbi=kvm.tlb_flush_ipa)
+        kvm.pgtable.map_pages(np.sort(gfns), PTE_D | (PTE_W if write else 0), tlbi=kvm.tlb_flush_ipa)
         if write:
             kvm.mark_pages_dirty_in_slot(slot, gfns, vcpu)
         return len(gfns)

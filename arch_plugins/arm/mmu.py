@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from arch_plugins.arm_common import huge_mapping_level
-from arch_plugins.arm_common.fastpath import handle_faults_batch, map_unmapped, no_tlbi, take_leaves
+from arch_plugins.arm_common.fastpath import handle_faults_batch, no_tlbi, take_leaves
 from kvmcore.geometry import LAST_LEVEL
 from kvmcore.pgtable import PTE_D, PTE_W, Leaves
 
@@ -123,6 +123,6 @@ def user_mem_abort_batch(kvm: Vm, vcpu: Vcpu, slot: Memslot, gfns: np.ndarray, w
         replaced = int(present.sum())
         if replaced:
             kvm_tlb_flush_vmid_ipa(kvm, count=replaced)
-        map_unmapped(kvm, run, leaves, prot, no_tlbi)
+        kvm.pgtable.map_pages(run, prot, no_tlbi)
 
     return handle_faults_batch(kvm, slot, gfns, resolve_one, resolve_run)

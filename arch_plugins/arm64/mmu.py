@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from arch_plugins.arm_common import blocks_in_range, huge_mapping_level
-from arch_plugins.arm_common.fastpath import handle_faults_batch, map_unmapped, no_tlbi, take_leaves
+from arch_plugins.arm_common.fastpath import handle_faults_batch, no_tlbi
 from kvmcore.errors import KvmError
 from kvmcore.geometry import LAST_LEVEL, Geometry
 from kvmcore.pgtable import PTE_D, PTE_W, Leaf, Leaves
@@ -175,7 +175,7 @@ def user_mem_abort_batch(kvm: Vm, vcpu: Vcpu, slot: Memslot, gfns: np.ndarray, w
                 kvm.pgtable.set_bits(run[relax], prot)
                 kvm.tlb_flush_pages(run[relax], kind="ipa")
             unmapped = ~relax
-            map_unmapped(kvm, run[unmapped], take_leaves(leaves, unmapped), prot, no_tlbi)
+            kvm.pgtable.map_pages(run[unmapped], prot, no_tlbi)
         if writable:
             kvm.mark_pages_dirty_in_slot(slot, run, vcpu)
 

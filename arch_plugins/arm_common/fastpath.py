@@ -7,7 +7,7 @@ The hook must leave everything exactly as calling the per-fault hook on ``gfns[0
 * A fault that maps a 4K page touches nothing but that page's entry, its TLB entry,
   its dirty bit and the counters, so such faults commute with each other; only the
   order in which they allocate missing tables is visible (table rows are numbered in
-  allocation order), and :func:`map_unmapped` reproduces it.
+  allocation order), and :meth:`~kvmcore.pgtable.PageTable.map_pages` reproduces it.
 * A fault under a valid block (a write-protected block while logging) is resolved by
   the per-fault code itself, at its place in the order; it changes only the pages of
   that block, whose later faults then see the block gone.  So the gfns are cut into
@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from kvmcore.geometry import LAST_LEVEL
-from kvmcore.pgtable import Leaves, Tlbi
+from kvmcore.pgtable import Leaves
 
 if TYPE_CHECKING:
     from kvmcore.memslot import Memslot
@@ -44,7 +44,7 @@ current leaves (``kvm.pgtable.lookup``), as the per-fault code would one after a
 
 
 def no_tlbi(gfn: int, level: int) -> None:
-    """The ``tlbi`` for :func:`map_unmapped`: it replaces no valid entry, so it never
+    """The ``tlbi`` for ``map_pages`` of unmapped pages: it replaces no valid entry, so it never
     invalidates anything; being called is a bug in the caller."""
     raise AssertionError(f"a batched fault replaced a valid entry at level {level} (gfn {gfn:#x})")
 
@@ -84,32 +84,6 @@ def first_fault_under_each_block(kvm: Vm, gfns: np.ndarray, leaves: Leaves) -> n
     spans = np.left_shift(np.int64(1), geo.bits_per_level * (LAST_LEVEL - leaves.level[idx].astype(np.int64)))
     _, first = np.unique(gfns[idx] & ~(spans - 1), return_index=True)   # blocks are disjoint: base = identity
     return np.sort(idx[first])
-
-
-def map_unmapped(kvm: Vm, gfns: np.ndarray, leaves: Leaves, prot: int, tlbi: Tlbi) -> None:
-    """``kvm_pgtable.map`` at the last level of each of ``gfns`` (none under a valid
-    block), as one call per gfn in order would leave the tables.
-
-    Missing tables are allocated in the order the per-fault path would allocate them:
-    the first fault under a missing table allocates it (with those below it on its
-    path), so mapping, in order, the first gfn of each new last-level table allocates
-    every level's tables in the sequential order.  Everything else is one
-    :meth:`~kvmcore.pgtable.PageTable.map_pages`.
-    """
-    pgtable = kvm.pgtable
-    last_li = kvm.geometry.levels - 1
-    missing = np.flatnonzero(leaves.li < last_li)
-    if len(missing):
-        table_pages = kvm.geometry.level_pages(LAST_LEVEL - 1)
-        _, first = np.unique(gfns[missing] // table_pages, return_index=True)
-        firsts = missing[np.sort(first)]
-        for gfn in gfns[firsts].tolist():
-            pgtable.map(gfn, LAST_LEVEL, prot, tlbi)
-        rest = np.ones(len(gfns), bool)
-        rest[firsts] = False
-        gfns = gfns[rest]
-    if len(gfns):
-        pgtable.map_pages(gfns, prot, tlbi)
 
 
 def handle_faults_batch(kvm: Vm, slot: Memslot, gfns: np.ndarray, resolve_one: ResolveOne,

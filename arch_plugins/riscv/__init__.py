@@ -15,9 +15,12 @@ Written only against the public hooks; see ``docs/arch-riscv.md``.
 
 import errno
 
+import numpy as np
+
 from kvmcore import ArchInfo, KvmError, hookimpl
 from kvmcore.geometry import LAST_LEVEL, Geometry
 from kvmcore.memslot import MemslotChange
+from kvmcore.pgtable import PTE_D, PTE_W
 from kvmcore.uapi import KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE
 
 from arch_plugins.riscv import gstage
@@ -74,6 +77,24 @@ def kvm_arch_handle_stage2_fault(kvm, vcpu, slot, gfn, write):
         kvm.mark_page_dirty_in_slot(slot, gfn, vcpu)
     gstage.map_page(kvm, gfn, level, writable)
     return True
+
+
+@hookimpl
+def kvm_arch_handle_stage2_faults_batch(kvm, vcpu, slot, gfns, write):
+    """:func:`kvm_arch_handle_stage2_fault` for a run of write faults while logging, each
+    on a 4K leaf (the fast path: W and D set, one flush a page) or an unmapped page (a
+    4K page mapped writable and flushed); the run stops at a page under a block."""
+    if not (write and slot.dirty_track_enabled and not slot.readonly) or kvm.dirty_ring_size:
+        return 0
+    leaves = kvm.pgtable.lookup(gfns)
+    page_sized = ~leaves.valid | (leaves.level == LAST_LEVEL)
+    done = len(gfns) if page_sized.all() else int(np.argmin(page_sized))
+    gfns, mapped = gfns[:done], leaves.valid[:done]
+    kvm.mark_pages_dirty_in_slot(slot, gfns, vcpu)
+    kvm.pgtable.set_bits(gfns[mapped], PTE_W | PTE_D)
+    kvm.pgtable.map_pages(gfns[~mapped], PTE_W | PTE_D, tlbi=kvm.tlb_flush_ipa)
+    kvm.tlb_flush_pages(gfns)
+    return done
 
 
 @hookimpl
