@@ -61,33 +61,30 @@ def dirty_pages(npages: int, fraction: float, seed: int) -> np.ndarray:
 
 def bench_get(arch: str, backend: str, size: int, fraction: float, repeat: int) -> float:
     """Median seconds of KVM_GET_DIRTY_LOG (classic) with ``fraction`` of the slot dirty."""
-    vm, vcpu = make(arch, backend, False, size)
-    npages = size // vm.page_size
-    gpas = BASE + dirty_pages(npages, fraction, 1) * vm.page_size
-    times = []
-    try:
-        for _ in range(repeat):
-            vcpu.write_many(gpas, 1)
-            t = time.perf_counter()
-            vm.get_dirty_log(0)
-            times.append(time.perf_counter() - t)
-    finally:
-        vm.close()
-    return statistics.median(times)
+    return _bench_collect(arch, backend, size, fraction, repeat, manual=False)
 
 
 def bench_clear(arch: str, backend: str, size: int, fraction: float, repeat: int) -> float:
     """Median seconds of one KVM_CLEAR_DIRTY_LOG of the whole slot (manual protect)."""
-    vm, vcpu = make(arch, backend, True, size)
+    return _bench_collect(arch, backend, size, fraction, repeat, manual=True)
+
+
+def _bench_collect(arch: str, backend: str, size: int, fraction: float, repeat: int, manual: bool) -> float:
+    """Dirty ``fraction`` of a slot, then time the GET (classic) or the CLEAR (manual)."""
+    vm, vcpu = make(arch, backend, manual, size)
     npages = size // vm.page_size
-    gpas = BASE + dirty_pages(npages, fraction, 2) * vm.page_size
+    gpas = BASE + dirty_pages(npages, fraction, 1 + manual) * vm.page_size
     times = []
     try:
         for _ in range(repeat):
             vcpu.write_many(gpas, 1)
-            bitmap = vm.get_dirty_log(0)
+            if manual:
+                bitmap = vm.get_dirty_log(0)
             t = time.perf_counter()
-            vm.clear_dirty_log(0, 0, npages, bitmap)
+            if manual:
+                vm.clear_dirty_log(0, 0, npages, bitmap)
+            else:
+                vm.get_dirty_log(0)
             times.append(time.perf_counter() - t)
     finally:
         vm.close()

@@ -197,7 +197,6 @@ class Precopy:
         vm = guest.vm
         if self.progress is not None:
             self.progress.round_started(iteration, "full", guest.npages)
-        bandwidth = self.params.max_bandwidth
         batch = self._batch_pages()
         chunk = 1 << min(self.source.chunk_shift, 40)
         # a whole number of batches, so a filled guest is sent in the same batches as one chunk at a time
@@ -217,13 +216,8 @@ class Precopy:
                     else:
                         lo, hi = np.searchsorted(pre, (a, b))
                         written = pre[lo:hi]
-                    for k in range(0, len(written), batch):
-                        part = written[k:k + batch]
-                        part_bytes, part_zeros = self._copy(i, part)
-                        self.timing.send(part_bytes / bandwidth)
-                        sent += len(part)
-                        zeros += part_zeros
-                        nbytes += part_bytes
+                    n, z, b_ = self._send_pages(i, written, batch)
+                    sent, zeros, nbytes = sent + n, zeros + z, nbytes + b_
                     unwritten = (b - a) - len(written)
                     if unwritten:
                         part_bytes, part_zeros = self._send_unwritten(unwritten)
@@ -264,7 +258,6 @@ class Precopy:
         total = sum(len(t) for t in todo)
         if self.progress is not None:
             self.progress.round_started(iteration, kind, total)
-        bandwidth = self.params.max_bandwidth
         batch = self._batch_pages()
         shift = self.source.chunk_shift
         sent = zeros = nbytes = 0
@@ -275,16 +268,23 @@ class Precopy:
             cuts = np.flatnonzero(np.diff(pages >> shift)) + 1
             for chunk in np.split(pages, cuts):
                 self.source.before_send(vm, s, chunk)
-                for a in range(0, len(chunk), batch):
-                    part = chunk[a:a + batch]
-                    part_bytes, part_zeros = self._copy(i, part)
-                    self.timing.send(part_bytes / bandwidth)
-                    sent += len(part)
-                    zeros += part_zeros
-                    nbytes += part_bytes
-                    if self.progress is not None:
-                        self.progress.advance(len(part))
+                n, z, b_ = self._send_pages(i, chunk, batch, progress=True)
+                sent, zeros, nbytes = sent + n, zeros + z, nbytes + b_
         return sent, zeros, nbytes
+
+    def _send_pages(self, i: int, pages: np.ndarray, batch: int, progress: bool = False) -> tuple[int, int, int]:
+        """Copy and send ``pages`` of slot ``i``, ``batch`` pages per time step; returns
+        (pages, zero pages, bytes)."""
+        zeros = nbytes = 0
+        for a in range(0, len(pages), batch):
+            part = pages[a:a + batch]
+            part_bytes, part_zeros = self._copy(i, part)
+            self.timing.send(part_bytes / self.params.max_bandwidth)
+            zeros += part_zeros
+            nbytes += part_bytes
+            if progress and self.progress is not None:
+                self.progress.advance(len(part))
+        return len(pages), zeros, nbytes
 
     def _copy(self, i: int, pages: np.ndarray) -> tuple[int, int]:
         """Copy ``pages`` of slot ``i`` to the destination; returns (bytes on the wire, zero pages)."""
