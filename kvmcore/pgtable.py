@@ -120,6 +120,10 @@ class Leaves:
     def dirty(self) -> np.ndarray:
         return (self.pte & PTE_D) != 0
 
+    def take(self, sel) -> "Leaves":
+        """The leaves of ``sel`` (a mask, indices or a slice)."""
+        return Leaves(self.level[sel], self.pte[sel], self.li[sel], self.row[sel], self.idx[sel])
+
 
 def _split_at(starts: np.ndarray, ends: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
     """Cut ranges ``[starts[i], ends[i])`` at multiples of ``size``, keeping their order."""
@@ -687,6 +691,3 @@ class PageTable:
             ptes.append(ents[r, i])
         return np.concatenate(firsts), np.concatenate(levels), np.concatenate(ptes)
 
-
-def _take(leaves: Leaves, sel: np.ndarray) -> Leaves:
-    return Leaves(leaves.level[sel], leaves.pte[sel], leaves.li[sel], leaves.row[sel], leaves.idx[sel])

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from arch_plugins.arm_common import huge_mapping_level
-from arch_plugins.arm_common.fastpath import handle_faults_batch, no_tlbi, take_leaves
+from arch_plugins.arm_common.fastpath import handle_faults_batch, no_tlbi
 from kvmcore.geometry import LAST_LEVEL
 from kvmcore.pgtable import PTE_D, PTE_W, Leaves
 
@@ -117,7 +117,7 @@ def user_mem_abort_batch(kvm: Vm, vcpu: Vcpu, slot: Memslot, gfns: np.ndarray, w
             for gfn in run[was_writable].tolist():
                 resolve_one(gfn)
             keep = ~was_writable
-            run, leaves, present = run[keep], take_leaves(leaves, keep), present[keep]
+            run, leaves, present = run[keep], leaves.take(keep), present[keep]
         if writable:
             kvm.mark_pages_dirty_in_slot(slot, run, vcpu)
         replaced = int(present.sum())

@@ -108,13 +108,8 @@ def handle_faults_batch(kvm: Vm, slot: Memslot, gfns: np.ndarray, resolve_one: R
         if cut > pos:
             run = gfns[pos:cut]
             # Before the first cut nothing has changed; after one, its block has gone.
-            resolve_run(run, take_leaves(leaves, slice(0, cut)) if pos == 0 else kvm.pgtable.lookup(run))
+            resolve_run(run, leaves.take(slice(0, cut)) if pos == 0 else kvm.pgtable.lookup(run))
         if cut < n:
             resolve_one(int(gfns[cut]))
         pos = cut + 1
     return n
-
-
-def take_leaves(leaves: Leaves, sel) -> Leaves:
-    """The leaves of ``sel`` (a mask, indices or a slice)."""
-    return Leaves(leaves.level[sel], leaves.pte[sel], leaves.li[sel], leaves.row[sel], leaves.idx[sel])
