@@ -91,10 +91,16 @@ def _bench_collect(arch: str, backend: str, size: int, fraction: float, repeat: 
     return statistics.median(times)
 
 
-def bench_faulting_writes(arch: str, backend: str, pages: int) -> float:
-    """Guest stores per second to write-protected pages (each one faults and is logged)."""
-    vm, vcpu = make(arch, backend, False, pages * 4096 * 2)
-    gpas = BASE + np.arange(pages, dtype=np.int64) * vm.page_size
+def bench_faulting_writes(arch: str, backend: str, pages: int, scattered: bool = False) -> float:
+    """Guest stores per second to write-protected pages (each one faults and is logged):
+    a sweep of ``pages`` consecutive pages, or ``pages`` scattered at random over a
+    slot ten times larger."""
+    spread = 10 if scattered else 2
+    vm, vcpu = make(arch, backend, False, pages * 4096 * spread)
+    if scattered:
+        gpas = BASE + dirty_pages(pages * spread, 1 / spread, 4) * vm.page_size
+    else:
+        gpas = BASE + np.arange(pages, dtype=np.int64) * vm.page_size
     try:
         vcpu.write_many(gpas, 1)       # map everything
         vm.get_dirty_log(0)            # and write-protect it again
@@ -163,14 +169,16 @@ def main(argv: list[str] | None = None) -> int:
                             for k in ["kernel"] + archs)
             print(f"  {fraction:>5.0%} dirty      {cells}   {ratios}")
     pages = 4096 if args.quick else 32768
-    print(f"\nfaulting guest writes ({pages} write-protected pages), writes/s")
-    row = {"kernel": bench_faulting_writes("x86", "kvm", pages) if have_kernel else None}
-    for arch in archs:
-        row[arch] = bench_faulting_writes(arch, "sim", pages)
-    results["faulting_writes_per_s"] = row
-    for k, v in row.items():
-        ratio = f"  ratio {v / row['kernel']:.2f}" if row["kernel"] and k != "kernel" else ""
-        print(f"  {k:>8}: {v:>12,.0f}{ratio}" if v else f"  {k:>8}: -")
+    for scattered in (False, True):
+        how = "scattered over 10x the pages" if scattered else "a sweep"
+        print(f"\nfaulting guest writes ({pages} write-protected pages, {how}), writes/s")
+        row = {"kernel": bench_faulting_writes("x86", "kvm", pages, scattered) if have_kernel else None}
+        for arch in archs:
+            row[arch] = bench_faulting_writes(arch, "sim", pages, scattered)
+        results["faulting_writes_per_s" + ("_scattered" if scattered else "")] = row
+        for k, v in row.items():
+            ratio = f"  ratio {v / row['kernel']:.2f}" if row["kernel"] and k != "kernel" else ""
+            print(f"  {k:>8}: {v:>12,.0f}{ratio}" if v else f"  {k:>8}: -")
     print("\nper-word protect hook (kvm_mmu_write_protect_pt_masked), µs per call of a full word")
     results["per_word_hook_us"] = {arch: bench_per_word_hook(arch) for arch in archs}
     for arch, us in results["per_word_hook_us"].items():

@@ -19,6 +19,7 @@ from typing import Protocol
 import attrs
 import numpy as np
 
+from kvmcore import ranges
 from kvmcore.geometry import LAST_LEVEL, Geometry
 from kvmcore.hostmem import lazy_zeros
 
@@ -40,6 +41,10 @@ NO_LEVEL = -128
 
 Tlbi = Callable[[int, int], None]
 """``tlbi(gfn, level)``: invalidate the TLB entry at ``level`` that maps ``gfn``."""
+
+Report = Callable[[int | np.ndarray, int | np.ndarray], None]
+"""``report(start_gfn, end_gfn)``: leaves in ``[start, end)`` changed.  Ints for one
+range, or equal-length int64 arrays for many (a vectorised change reports once)."""
 
 
 class Visitor(Protocol):
@@ -125,17 +130,6 @@ class Leaves:
         return Leaves(self.level[sel], self.pte[sel], self.li[sel], self.row[sel], self.idx[sel])
 
 
-def _split_at(starts: np.ndarray, ends: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Cut ranges ``[starts[i], ends[i])`` at multiples of ``size``, keeping their order."""
-    pieces = (ends - 1) // size - starts // size + 1
-    if (pieces == 1).all():
-        return starts, ends
-    first = np.repeat(starts, pieces)
-    k = np.arange(int(pieces.sum())) - np.repeat(np.cumsum(pieces) - pieces, pieces)
-    lo = np.where(k == 0, first, (first // size + k) * size)
-    return lo, np.minimum(np.repeat(ends, pieces), (lo // size + 1) * size)
-
-
 def unique(values: np.ndarray) -> np.ndarray:
     """``np.unique`` of integers by sorting (numpy's hash-based unique is several
     times slower on large arrays), with no work when they are already ascending."""
@@ -162,16 +156,16 @@ class PageTable:
     """The stage-2 tables of one VM.
 
     :param geometry: the shape of the tables.
-    :param on_restrict: called with ``(start_gfn, end_gfn)`` whenever a leaf in that
-        range loses VALID, W or D, or is replaced; the VM uses it to know which cached
-        translations a vCPU may no longer trust.
-    :param on_grant: called with ``(start_gfn, end_gfn)`` whenever a leaf in that range
-        gains VALID, W or D: accesses that needed KVM may no longer need it.
+    :param on_restrict: a :data:`Report` of leaves that lost VALID, W or D, or were
+        replaced; the VM uses it to know which cached translations a vCPU may no
+        longer trust.
+    :param on_grant: a :data:`Report` of leaves that gained VALID, W or D: accesses
+        that needed KVM may no longer need it.
     :param stats: a counter the engine adds ``page_tables`` and friends to.
     """
 
-    def __init__(self, geometry: Geometry, on_restrict: Callable[[int, int], None] | None = None,
-                 stats: dict | None = None, on_grant: Callable[[int, int], None] | None = None) -> None:
+    def __init__(self, geometry: Geometry, on_restrict: Report | None = None,
+                 stats: dict | None = None, on_grant: Report | None = None) -> None:
         self.geometry = geometry
         self.on_restrict = on_restrict or (lambda start, end: None)
         self.on_grant = on_grant or (lambda start, end: None)
@@ -539,16 +533,14 @@ class PageTable:
         changed = 0
         lo = self.geometry.start_level if min_level is None else min_level
         if lo <= LAST_LEVEL <= max_level:
-            starts, ends = _split_at(starts, ends, self._nent[-1])
+            starts, ends = ranges.split_at(starts, ends, self._nent[-1])
             changed, done = self._clear_bits_in_last_tables(starts, ends, bits)
             if lo == LAST_LEVEL:  # what no last-level table maps has no page leaves
                 return changed
             starts, ends = starts[~done], ends[~done]
-        lens = ends - starts
-        if not len(lens):
+        if not len(starts):
             return changed
-        gfns = np.repeat(starts - np.cumsum(lens) + lens, lens) + np.arange(lens.sum(), dtype=np.int64)
-        return changed + self.clear_bits(gfns, bits, min_level, max_level)
+        return changed + self.clear_bits(ranges.expand(starts, ends), bits, min_level, max_level)
 
     def _clear_bits_in_last_tables(self, starts: np.ndarray, ends: np.ndarray, bits: int) -> tuple[int, np.ndarray]:
         """The fast case of :meth:`clear_bits_ranges`: ranges that each lie in one
@@ -560,9 +552,7 @@ class PageTable:
         done[which] = True
         if not len(which):
             return 0, done
-        lens = (ends - starts)[which]
-        offsets = np.cumsum(lens) - lens
-        pos = np.repeat(first[which] - offsets, lens) + np.arange(int(lens.sum()), dtype=np.int64)
+        pos = ranges.expand(first[which], first[which] + (ends - starts)[which])
         s, e = starts[which], ends[which]
         if len(s) > 1 and not (s[1:] >= e[:-1]).all():
             pos = unique(pos)          # ranges that overlap (a ring reset's runs may)
@@ -623,19 +613,15 @@ class PageTable:
             self._report_runs(first, pages)
         return changed
 
-    def _report_runs(self, first: np.ndarray, pages: int, report: Callable[[int, int], None] | None = None) -> None:
+    def _report_runs(self, first: np.ndarray, pages: int, report: Report | None = None) -> None:
         """Tell the owner about changed leaves (restricted, unless ``report`` says
-        otherwise), merged into contiguous runs."""
-        if not self.reporting:
+        otherwise), merged into contiguous runs and reported in one call."""
+        if not self.reporting or not len(first):
             return
         report = report or self.on_restrict
         if len(first) > 1 and not (first[1:] >= first[:-1]).all():
             first = np.sort(first)
-        breaks = np.nonzero(np.diff(first) != pages)[0]
-        lo = np.concatenate(([0], breaks + 1))
-        hi = np.concatenate((breaks, [len(first) - 1]))
-        for a, b in zip(first[lo].tolist(), first[hi].tolist()):
-            report(a, b + pages)
+        report(*ranges.runs(first, pages))
 
     def wrprotect_range(self, start_gfn: int, end_gfn: int) -> int:
         """Write-protect every leaf overlapping ``[start_gfn, end_gfn)``, scanning only

@@ -22,13 +22,14 @@ import numpy as np
 from kvmcore.dirty_ring import DirtyRing
 from kvmcore.errors import KvmError
 from kvmcore.geometry import LAST_LEVEL
-from kvmcore.pgtable import NO_LEVEL, PTE_D, PTE_VALID, PTE_W, distinct
+from kvmcore import ranges
+from kvmcore.pgtable import NO_LEVEL, PTE_D, PTE_VALID, PTE_W, distinct, unique
 from kvmcore.tlb import TLB_INVALID, TLB_READ, TLB_WRITE, TLB_WRITE_DIRTY, Tlb
 from kvmcore.uapi import KVM_EXIT_DIRTY_RING_FULL, KVM_EXIT_MMIO
 
 if TYPE_CHECKING:
     from kvmcore.memslot import Memslot
-    from kvmcore.vm import Vm
+    from kvmcore.vm import Event, Vm
 
 FAST, SET_DIRTY, FAULT = 0, 1, 2
 MAX_FAULT_RETRIES = 4
@@ -439,7 +440,7 @@ class _AccessRun:
         self._commit(self.done, i, self.slots, self.slot_idx)
         self.done = max(self.done, i)
 
-    def after_exit(self, batch: np.ndarray, events: list[tuple[str, int, int]]) -> None:
+    def after_exit(self, batch: np.ndarray, events: list[Event]) -> None:
         """Queue what must be looked at again after KVM ran: the accesses just handled
         (their retry), and later accesses to pages whose translations were restricted."""
         first = int(batch[0])
@@ -449,20 +450,35 @@ class _AccessRun:
         else:
             us = self.inv[batch]
             self._stale[us] = True
-            for j in batch[self._classes(us) != FAST].tolist():
-                heapq.heappush(self._heap, j)
+            self._push(batch[self._classes(us) != FAST])
+        bounds: dict[str, tuple[list, list]] = {"grant": ([], []), "tlb": ([], []), "pt": ([], [])}
         for kind, lo, hi in events:
-            if kind == "grant":  # may need KVM no more: look again before batching
-                a, b = np.searchsorted(self.uniq, [lo, hi])
-                self._stale[a:b] = True
-                continue
-            if kind == "tlb":
-                us = np.array(sorted(u for u in self.tlb_only if lo <= self.uniq[u] < hi), np.int64)
-                self.tlb_only.difference_update(us.tolist())
-            else:
-                a, b = np.searchsorted(self.uniq, [lo, hi])
-                us = np.arange(a, b, dtype=np.int64)
+            bounds[kind][0].append(np.atleast_1d(lo))
+            bounds[kind][1].append(np.atleast_1d(hi))
+        lo, hi = (np.concatenate(b) if b else np.zeros(0, np.int64) for b in bounds["grant"])
+        # Granted pages may need KVM no more: look again before batching them.
+        self._stale[ranges.expand(*np.searchsorted(self.uniq, [lo, hi]))] = True
+        restricted = []
+        lo, hi = (np.concatenate(b) if b else np.zeros(0, np.int64) for b in bounds["tlb"])
+        if len(lo) and self.tlb_only:
+            tlb_only = np.array(sorted(self.tlb_only), np.int64)
+            gone = tlb_only[ranges.covered(self.uniq[tlb_only], lo, hi)]
+            self.tlb_only.difference_update(gone.tolist())
+            restricted.append(gone)
+        lo, hi = (np.concatenate(b) if b else np.zeros(0, np.int64) for b in bounds["pt"])
+        if len(lo):
+            restricted.append(ranges.expand(*np.searchsorted(self.uniq, [lo, hi])))
+        if restricted:
+            us = unique(np.concatenate(restricted))
             self._stale[us] = True
-            for j in self.next_use(us, first + 1).tolist():
-                if j < self.n:
-                    heapq.heappush(self._heap, j)
+            self._push(self.next_use(us, first + 1))
+
+    def _push(self, accesses: np.ndarray) -> None:
+        """Queue accesses (indices; ``n`` and beyond mean none) to be looked at in order."""
+        accesses = accesses[accesses < self.n].tolist()
+        if len(accesses) > 8:
+            self._heap.extend(accesses)
+            heapq.heapify(self._heap)
+        else:
+            for j in accesses:
+                heapq.heappush(self._heap, j)

@@ -13,7 +13,7 @@ import attrs
 import numpy as np
 import pluggy
 
-from kvmcore import dirty_ring, uapi
+from kvmcore import dirty_ring, ranges, uapi
 from kvmcore.errors import KvmError
 from kvmcore.geometry import LAST_LEVEL, Geometry
 from kvmcore.hostmem import lazy_zeros
@@ -21,6 +21,9 @@ from kvmcore.memslot import Memslot, MemslotChange, bitmap_words, word_dtype
 from kvmcore.pgtable import NO_LEVEL, PTE_D, PTE_W, PageTable, unique
 from kvmcore.stats import Stats
 from kvmcore.vcpu import ArchBugError, Vcpu
+
+Event = tuple[str, int | np.ndarray, int | np.ndarray]
+"""A change seen by vCPUs in flight: ``(kind, start_gfn, end_gfn)``, see :meth:`Vm._event`."""
 
 HOST_PAGE_SIZES = (4096, 2 << 20, 1 << 30)
 _USERSPACE_ADDR_ALIGN = 1 << 30
@@ -73,7 +76,7 @@ class Vm:
         self.dirty_ring_size = 0              # bytes per vCPU ring; 0: no ring
         self.dirty_ring_with_bitmap = False
         self.arch_state: dict[str, Any] = {}  # the plugin's own per-VM state
-        self._events: list[tuple[str, int, int]] = []
+        self._events: list[Event] = []
         self._event_users = 0
         self._next_uaddr = itertools.count(1)
         self.hook.kvm_arch_init_vm(kvm=self, options=self.options)
@@ -622,9 +625,7 @@ class Vm:
                     if len(inside):
                         vcpu.tlb.invalidate_pages(ms, inside - ms.base_gfn)
         if self._event_users:
-            breaks = np.nonzero(np.diff(gfns) != 1)[0]
-            for lo, hi in zip(gfns[np.r_[0, breaks + 1]].tolist(), gfns[np.r_[breaks, len(gfns) - 1]].tolist()):
-                self._event("tlb", lo, hi + 1)
+            self._event("tlb", *ranges.runs(gfns))
         self.stats["tlb_flushes"] += len(gfns)
         self.stats["tlb_flushes_" + kind] += len(gfns)
 
@@ -641,7 +642,9 @@ class Vm:
     def _on_grant(self, start: int, end: int) -> None:
         self._event("grant", start, end)
 
-    def _event(self, kind: str, start: int, end: int) -> None:
+    def _event(self, kind: str, start: int | np.ndarray, end: int | np.ndarray) -> None:
+        """Record a change for the vCPUs in flight: ``kind`` "tlb" (invalidated), "pt"
+        (restricted) or "grant", over ``[start, end)`` (ints, or arrays of runs)."""
         if self._event_users:
             self._events.append((kind, start, end))
 
@@ -696,7 +699,7 @@ class _EventCursor:
         self._vm = vm
         self._pos = len(vm._events)
 
-    def new(self) -> list[tuple[str, int, int]]:
+    def new(self) -> list[Event]:
         events = self._vm._events
         out = events[self._pos:]
         self._pos = len(events)

@@ -129,7 +129,8 @@ def test_range_write_protect_three_ways_agree(maps, ranges):
 
 def test_restriction_is_reported_for_permission_loss_only():
     events = []
-    pt = PageTable(geometry(), on_restrict=lambda a, b: events.append((a, b)))
+    pt = PageTable(geometry(), on_restrict=lambda a, b: events.extend(zip(np.atleast_1d(a).tolist(),
+                                                                            np.atleast_1d(b).tolist())))
     pt.map(10, LAST_LEVEL, PTE_D, tlbi=lambda g, lv: None)
     leaf = pt.leaf(10)
     pt.set_entry(leaf.li, leaf.row, leaf.idx, leaf.pte | PTE_W)
