@@ -8,22 +8,32 @@ def ffs_fls(masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     the range from its lowest to its highest set bit."""
     m = np.asarray(masks).astype(np.uint64)
     first = np.bitwise_count((m & (~m + np.uint64(1))) - np.uint64(1)).astype(np.int64)
+    return first, np.bitwise_count(_smear(m)).astype(np.int64)
+
+
+def _smear(m: np.ndarray) -> np.ndarray:
+    """Every bit at or below each uint64 word's highest set bit."""
     smear = m.copy()
     for shift in (1, 2, 4, 8, 16, 32):
         smear |= smear >> np.uint64(shift)
-    return first, np.bitwise_count(smear).astype(np.int64)
+    return smear
 
 
-def contiguous(masks: np.ndarray) -> np.ndarray:
-    """Whether each non-zero word's set bits form one run (so ``[ffs, fls]`` is exact)."""
+def spans(masks: np.ndarray) -> np.ndarray:
+    """Each word with every bit from its lowest to its highest set bit set: the
+    ``[__ffs, __fls]`` range of a word as a mask of the same dtype (0 stays 0)."""
     m = np.asarray(masks).astype(np.uint64)
-    first, _ = ffs_fls(m)
-    run = m >> first.astype(np.uint64)
-    return (run & (run + np.uint64(1))) == 0
+    low = m & (~m + np.uint64(1))
+    return (_smear(m) & ~(low - np.uint64(1))).astype(np.asarray(masks).dtype)
 
 
 def bit_positions(masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Every set bit of 64-bit words, as (word index, bit) arrays in ascending order."""
-    m = np.ascontiguousarray(np.asarray(masks).astype("<u8"))
+    """Every set bit of words (any unsigned dtype), as (word index, bit) arrays in
+    ascending order."""
+    masks = np.asarray(masks)
+    width = masks.dtype.itemsize * 8
+    if (np.bitwise_count(masks) == 1).all():   # one bit per word: its index, no unpacking
+        return np.arange(len(masks)), np.bitwise_count(masks - masks.dtype.type(1)).astype(np.int64)
+    m = np.ascontiguousarray(masks.astype(masks.dtype.newbyteorder("<")))
     flat = np.flatnonzero(np.unpackbits(m.view(np.uint8), bitorder="little").view(bool))
-    return flat >> 6, flat & 63
+    return flat // width, flat % width

@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from kvmcore.geometry import LAST_LEVEL, Geometry
@@ -141,20 +141,71 @@ def test_restriction_is_reported_for_permission_loss_only():
 
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.integers(1, (1 << 64) - 1), min_size=1, max_size=20))
-def test_ffs_fls_and_contiguous_match_the_scalar_definitions(words):
-    from kvmcore.bitops import contiguous, ffs_fls
+def test_ffs_fls_and_spans_match_the_scalar_definitions(words):
+    from kvmcore.bitops import ffs_fls, spans
 
     first, last1 = ffs_fls(np.array(words, np.uint64))
-    runs = contiguous(np.array(words, np.uint64))
-    for w, f, l1, run in zip(words, first.tolist(), last1.tolist(), runs.tolist()):
+    filled = spans(np.array(words, np.uint64))
+    for w, f, l1, span in zip(words, first.tolist(), last1.tolist(), filled.tolist()):
         assert (f, l1) == ((w & -w).bit_length() - 1, w.bit_length())
-        assert run == (w >> f == (1 << (l1 - f)) - 1)
+        assert span == sum(1 << b for b in range(f, l1))
 
 
-@settings(max_examples=100, deadline=None)
-@given(st.lists(st.integers(0, (1 << 64) - 1), max_size=20))
-def test_bit_positions_lists_every_set_bit_in_order(words):
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, (1 << 64) - 1) | st.integers(0, 63).map(lambda b: 1 << b), max_size=20),
+       st.sampled_from([np.uint64, np.uint32]))
+def test_bit_positions_lists_every_set_bit_in_order(words, dtype):
     from kvmcore.bitops import bit_positions
 
-    w, b = bit_positions(np.array(words, np.uint64))
-    assert list(zip(w.tolist(), b.tolist())) == [(i, j) for i, x in enumerate(words) for j in range(64) if x >> j & 1]
+    width = np.dtype(dtype).itemsize * 8
+    words = [x & ((1 << width) - 1) for x in words]
+    w, b = bit_positions(np.array(words, dtype))
+    assert list(zip(w.tolist(), b.tolist())) == [(i, j) for i, x in enumerate(words) for j in range(width) if x >> j & 1]
+    single = [x for x in words if x and not x & (x - 1)]   # the one-bit-per-word shortcut
+    w, b = bit_positions(np.array(single, dtype))
+    assert b.tolist() == [x.bit_length() - 1 for x in single] and w.tolist() == list(range(len(single)))
+
+
+def _reported_pages(events):
+    return {g for a, b in events for g in range(a, b)}
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 1 << 12), st.sampled_from([2, 3]), st.integers(1, 300)), max_size=8),
+       st.lists(st.tuples(st.integers(0, (1 << 12) // 32), st.integers(0, 31), st.integers(1, (1 << 64) - 1)),
+                min_size=1, max_size=12),
+       st.sampled_from([np.uint64, np.uint32]),
+       st.sampled_from([PTE_W, PTE_D, PTE_W | PTE_D]),
+       st.sampled_from([(None, LAST_LEVEL), (LAST_LEVEL, LAST_LEVEL)]))
+@example(maps=[(0, 3, 1)], words=[(0, 0, 1), (0, 0, 1)], dtype=np.uint64, bits=PTE_W,
+         levels=(None, LAST_LEVEL))                         # a word twice, sparse (a ring reset)
+@example(maps=[(0, 3, 64)], words=[(0, 0, (1 << 40) - 1), (0, 0, 1 << 50)], dtype=np.uint64, bits=PTE_W,
+         levels=(LAST_LEVEL, LAST_LEVEL))                   # a word twice, dense
+def test_masked_clear_matches_clearing_each_set_bit_alone(maps, words, dtype, bits, levels):
+    """clear_bits_masked, whichever of its paths a word takes (whole runs of a table
+    row, bit positions, the general lookup), leaves the tables, counts, statistics
+    and reports that clearing the set bits one at a time does."""
+    stats, events = [{}, {}], [[], []]
+    tables = [PageTable(geometry(), stats=stats[k], on_restrict=lambda a, b, k=k: events[k].extend(
+        zip(np.atleast_1d(a).tolist(), np.atleast_1d(b).tolist()))) for k in range(2)]
+    for pt in tables:
+        for gfn, level, n in maps:   # a block, or a run of n pages (dense words)
+            for g in ([gfn * 512] if level == 2 else range(gfn * 32, gfn * 32 + n)):
+                pt.map(g, level, PTE_W | PTE_D, tlbi=lambda g, lv: None)
+        pt.stats.clear()
+    width = np.dtype(dtype).itemsize * 8
+    firsts = np.array([w * width + skew * (skew % 3 == 0) for w, skew, _ in words], np.int64)  # some unaligned
+    masks = np.array([m & ((1 << width) - 1) or 1 for _, _, m in words], dtype)
+    lo, hi = levels
+    got = tables[0].clear_bits_masked(firsts, masks, bits, min_level=lo, max_level=hi)
+    want = 0
+    for first, mask in zip(firsts.tolist(), masks.tolist()):
+        for b in range(width):
+            if mask >> b & 1:
+                want += tables[1].clear_bits(np.array([first + b]), bits, min_level=lo, max_level=hi)
+    assert got == want
+    assert {k: v for k, v in stats[0].items() if v} == {k: v for k, v in stats[1].items() if v}
+    assert _reported_pages(events[0]) == _reported_pages(events[1])
+    a, b = tables[0].mapped_leaves(), tables[1].mapped_leaves()
+    for x, y in zip(a, b):
+        assert (x[np.lexsort(a[:2])] == y[np.lexsort(b[:2])]).all()

@@ -43,3 +43,4 @@ def test_split_at_cuts_at_multiples_and_keeps_every_integer(pairs, size):
     lo, hi = ranges.split_at(starts, ends, size)
     assert ranges.expand(lo, hi).tolist() == ranges.expand(starts, ends).tolist()
     assert ((lo // size) == ((hi - 1) // size)).all()
+

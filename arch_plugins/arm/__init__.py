@@ -19,12 +19,12 @@ from arch_plugins.arm import mmu
 from arch_plugins.arm_common import (
     commit_wants_write_protect,
     mask_range,
-    mask_ranges,
     prepare_memory_region,
     stage2_wp_range,
     wp_memory_region,
 )
 from kvmcore.archinfo import ArchInfo
+from kvmcore.bitops import spans
 from kvmcore.geometry import Geometry
 from kvmcore.pgtable import PTE_W
 from kvmcore.plugins import hookimpl
@@ -98,8 +98,7 @@ def kvm_mmu_write_protect_pt_masked_batch(kvm: Vm, slot: Memslot, gfn_offsets: n
                                           masks: np.ndarray) -> None:
     """The per-word hook for a whole GET/CLEAR at once: the same ranges, write-protected
     in one vectorised pass (the ranges only remove W, so their order does not matter)."""
-    starts, ends = mask_ranges(slot.base_gfn + np.asarray(gfn_offsets, np.int64), masks)
-    kvm.pgtable.clear_bits_ranges(starts, ends, PTE_W)
+    kvm.pgtable.clear_bits_masked(slot.base_gfn + np.asarray(gfn_offsets, np.int64), spans(masks), PTE_W)
 
 
 @hookimpl

@@ -28,6 +28,7 @@ from arch_plugins.arm_common import (
     wp_memory_region,
 )
 from kvmcore.archinfo import ArchInfo
+from kvmcore.bitops import spans
 from kvmcore.errors import KvmError
 from kvmcore.geometry import Geometry
 from kvmcore.pgtable import PTE_W
@@ -153,10 +154,11 @@ def kvm_mmu_write_protect_pt_masked_batch(kvm: Vm, slot: Memslot, gfn_offsets: n
     vectorised pass, then the INITIALLY_SET splits in word order.  Splitting keeps
     permissions and write protection never creates or removes entries, so doing all
     the protection first leaves the same tables and costs the same TLBIs."""
-    starts, ends = mask_ranges(slot.base_gfn + np.asarray(gfn_offsets, np.int64), masks)
-    kvm.pgtable.clear_bits_ranges(starts, ends, PTE_W)
+    firsts = slot.base_gfn + np.asarray(gfn_offsets, np.int64)
+    kvm.pgtable.clear_bits_masked(firsts, spans(masks), PTE_W)
     if not kvm.initially_all_set or not kvm.arch_state["split_page_chunk_size"]:
         return
+    starts, ends = mask_ranges(firsts, masks)
     # A word spans at most 64 pages and a block at least 512: its two ends find every
     # block it overlaps; ranges over no block have nothing to split.
     edges = kvm.pgtable.lookup(np.concatenate((starts, ends - 1)))

@@ -115,7 +115,7 @@ def kvm_mmu_write_protect_pt_masked(kvm, slot, gfn_offset, mask):
 @hookimpl
 def kvm_mmu_write_protect_pt_masked_batch(kvm, slot, gfn_offsets, masks):
     """The same for a whole GET/CLEAR at once: every leaf mapping a masked page loses W."""
-    gstage.wp_pages(kvm, slot.base_gfn + gstage.masked_offsets(gfn_offsets, masks))
+    kvm.pgtable.clear_bits_masked(slot.base_gfn + np.asarray(gfn_offsets, np.int64), masks, PTE_W)
 
 
 @hookimpl

@@ -112,20 +112,6 @@ def wp_pt_masked(kvm, base_gfn, mask):
         mask &= mask - 1
 
 
-def masked_offsets(gfn_offsets, masks):
-    """The page offsets set in ``(gfn_offsets[i], masks[i])`` pairs, as one array."""
-    masks = np.asarray(masks)
-    bits = np.unpackbits(masks.astype(masks.dtype.newbyteorder("<")).view(np.uint8).reshape(len(masks), -1),
-                         axis=1, bitorder="little")
-    word, bit = np.nonzero(bits)
-    return np.asarray(gfn_offsets, np.int64)[word] + bit
-
-
-def wp_pages(kvm, gfns):
-    """Protect the leaf mapping each gfn (the vectorised :func:`wp_pt_masked`)."""
-    kvm.pgtable.clear_bits(gfns, PTE_W)
-
-
 def split_memory_region(kvm, slot):
     """``mmu_split_memory_region`` -> ``mmu_split_huge_pages``: every block of the slot
     split down to 4K without a flush each, then one memslot flush if any was split."""

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from arch_plugins.x86.config import HUGE_LEVELS, PG_LEVEL_1G, PG_LEVEL_2M, PG_LEVEL_4K, state
-from kvmcore.bitops import bit_positions, contiguous, ffs_fls
+from kvmcore.bitops import ffs_fls
 from kvmcore.hostmem import lazy_zeros
 from kvmcore.memslot import MemslotChange
 from kvmcore.pgtable import PTE_ADDR_SHIFT, PTE_D, PTE_SW0, PTE_VALID, PTE_W, unique
@@ -394,8 +394,8 @@ def enable_log_dirty_pt_masked_batch(kvm: Vm, slot: Memslot, gfn_offsets: np.nda
     pt = kvm.pgtable
     offsets = np.asarray(gfn_offsets, np.int64)
     masks = np.asarray(masks)
-    first, last1 = ffs_fls(masks)
     if kvm.initially_all_set:
+        first, last1 = ffs_fls(masks)
         starts = slot.base_gfn + offsets + first
         ends = slot.base_gfn + offsets + last1 - 1
         if st.eager_page_split and st.tdp_mmu:
@@ -409,15 +409,9 @@ def enable_log_dirty_pt_masked_batch(kvm: Vm, slot: Memslot, gfn_offsets: np.nda
             cross[:] = False
         probes = np.concatenate([starts, ends[cross]])
         pt.clear_bits(probes, PTE_W | MMU_WRITABLE, max_level=PG_LEVEL_2M)
-    # The rmap walk of every set bit, at the 4K level: a word whose set bits form one
-    # run as its [__ffs, __fls] range, the others bit by bit.
-    bit = PTE_D if st.pml else PTE_W
-    one_run = contiguous(masks)
-    base = slot.base_gfn + offsets
-    pt.clear_bits_ranges(base[one_run] + first[one_run], base[one_run] + last1[one_run], bit,
+    # The rmap walk of every set bit, at the 4K level.
+    pt.clear_bits_masked(slot.base_gfn + offsets, masks, PTE_D if st.pml else PTE_W,
                          min_level=PG_LEVEL_4K, max_level=PG_LEVEL_4K)
-    words, cols = bit_positions(masks[~one_run])
-    pt.clear_bits(base[~one_run][words] + cols, bit, min_level=PG_LEVEL_4K, max_level=PG_LEVEL_4K)
 
 
 def kvm_mmu_slot_remove_write_access(kvm: Vm, slot: Memslot, min_level: int) -> None:
