@@ -591,8 +591,13 @@ class PageTable:
                 changed += self._clear_last_level_words(pos[runs] // width, masks[runs], bits, width)
             few = inside & ~runs
             if few.any():
-                word, bit = bit_positions(masks[few])
-                changed += self._clear_last_level(unique(pos[few][word] + bit), bits)  # words may repeat
+                one = few & (pop == 1)     # the common sparse word: its bit is its trailing zeros
+                word, bit = bit_positions(masks[few & ~one])
+                at = np.concatenate((pos[one] + np.bitwise_count(masks[one] - masks.dtype.type(1)),
+                                     pos[few & ~one][word] + bit))
+                if len(first_gfns) > 1 and not (first_gfns[1:] > first_gfns[:-1]).all():
+                    at = unique(at)        # a word twice (a ring reset may)
+                changed += self._clear_last_level(at, bits)
             first_gfns, masks = first_gfns[~inside], masks[~inside]
         if not len(masks):
             return changed
