@@ -20,6 +20,11 @@ class ArchInfo:
         ``KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP`` (``CONFIG_NEED_KVM_DIRTY_RING_WITH_BITMAP``:
         arm64).  Empty (the default) means no ring, as 32-bit arm
         (no ``KVM_DIRTY_LOG_PAGE_OFFSET``).
+    :param batched_faults_with_ring: the arch's ``kvm_arch_handle_stage2_faults_batch``
+        may be given runs of faults in a VM with a dirty ring: it pushes the entries of
+        the faults it resolves in the order of ``gfns``.  The core then gives it no more
+        faults than the ring has room for before its soft limit, so a soft-full exit can
+        only follow the last of them.  False (the default): one fault at a time.
     """
 
     name: str
@@ -31,3 +36,4 @@ class ArchInfo:
     has_readonly_mem: bool = True
     dirty_ring_caps: frozenset[int] = attrs.field(factory=frozenset, converter=frozenset)
     options: Mapping[str, Any] = attrs.field(factory=dict, converter=lambda m: dict(m))
+    batched_faults_with_ring: bool = False

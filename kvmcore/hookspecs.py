@@ -88,7 +88,10 @@ def kvm_arch_handle_stage2_faults_batch(kvm: Vm, vcpu: Vcpu, slot: Memslot, gfns
     time, so returning 0 is always correct.  Page tables, dirty log, statistics and
     TLB maintenance must end as the per-fault hook would leave them (the conformance
     kit checks it).  The core batches only where no access between the faults can
-    tell: no dirty ring, and no stale cached translation on the vCPU.
+    tell: no stale cached translation on the vCPU and, in a VM with a dirty ring, only
+    for an arch whose ``ArchInfo.batched_faults_with_ring`` says it pushes the entries
+    in the order of ``gfns``, and never more faults than the ring takes before its
+    soft limit.
     """
 
 

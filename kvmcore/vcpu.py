@@ -178,13 +178,15 @@ class Vcpu:
                     self.guest_lock.release()
                     try:
                         if len(batch) > 1:
-                            self._exit_to_kvm_batch(ms, run.uniq[run.inv[batch]], kind, write, run.retries, i)
+                            done = self._exit_to_kvm_batch(ms, run.uniq[run.inv[batch]], kind, write, run.retries, i)
                         else:
                             self._exit_to_kvm(ms, int(run.uniq[u]), kind, write, run.retries, i)
+                            done = 1
                     finally:
                         self.guest_lock.acquire()
                     if self._pending_exit is not None:
-                        run.stop = i
+                        # The exit follows the last fault KVM took: the accesses before it ran.
+                        run.stop = int(batch[done - 1])
                         self.exit_reason = self._pending_exit
                         break
                     run.after_exit(batch, events.new())
@@ -218,20 +220,22 @@ class Vcpu:
             retries[i] = (tries, vm.pgtable.leaf(gfn).pte)
 
     def _exit_to_kvm_batch(self, ms: Memslot, gfns: np.ndarray, kind: int, write: bool,
-                           retries: dict[int, tuple[int, int]], first: int) -> None:
+                           retries: dict[int, tuple[int, int]], first: int) -> int:
         """Handle a run of accesses that each need KVM in one call (see
-        :meth:`_AccessRun.gather`); faults the arch will not take in bulk go one by one."""
+        :meth:`_AccessRun.gather`); faults the arch will not take in bulk go one by one.
+        Returns how many of them KVM took (at least the first)."""
         vm = self.vm
         gfns = gfns.astype(np.int64)
         if kind == SET_DIRTY:
             self._set_dirty(ms, gfns)
-            return
+            return len(gfns)
         with vm.mmu_lock:
             done = int(vm.hook.kvm_arch_handle_stage2_faults_batch(kvm=vm, vcpu=self, slot=ms, gfns=gfns,
                                                                    write=write) or 0)
         vm.stats["write_faults" if write else "read_faults"] += done
         if not done:
             self._exit_to_kvm(ms, int(gfns[0]), kind, write, retries, first)
+        return max(done, 1)
 
     def _set_dirty(self, ms: Memslot, gfns: np.ndarray) -> None:
         """The hardware sets the D bit of the leaves mapping ``gfns``, in order."""
@@ -415,18 +419,26 @@ class _AccessRun:
 
         They must be first accesses to distinct pages of the same slot, of the same
         kind now, with nothing else pending before the last of them; faults batch only
-        where the arch has the batched fault hook, no dirty ring needs exits between
-        them, and no stale cached translation could be invalidated under them.
+        where the arch has the batched fault hook and no stale cached translation could
+        be invalidated under them.  With a dirty ring only faults batch, only for an arch
+        that pushes in order (``ArchInfo.batched_faults_with_ring``), and no more than
+        the ring takes before its soft limit: a soft-full exit can only follow the last.
         """
         vm = self.vcpu.vm
         one = np.array([i], np.int64)
-        if self.vcpu.dirty_ring is not None or self._pos >= len(self._initial):
+        if self._pos >= len(self._initial):
             return one
         if kind == FAULT and (self.tlb_only or
                               not vm.hook.kvm_arch_handle_stage2_faults_batch.get_hookimpls()):
             return one
+        size = MAX_BATCH
+        ring = self.vcpu.dirty_ring
+        if ring is not None:
+            if kind != FAULT or not vm.info.batched_faults_with_ring:
+                return one
+            size = ring.soft_limit - ring.used   # pushes until soft-full, that one included
         limit = min(self._heap[0] if self._heap else self.n, self.stop)
-        more = self._initial[self._pos:self._pos + MAX_BATCH]
+        more = self._initial[self._pos:self._pos + max(size - 1, 0)]
         more = more[(more < limit) & (more > i)]
         us = self.inv[more]
         ok = (self.uslot[us] == self.uslot[self.inv[i]]) & (self._classes(us) == kind)

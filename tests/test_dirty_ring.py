@@ -12,6 +12,7 @@ import kvmcore
 from helpers import LOG, dirty_pages, page_gpas
 from kvmcore import dirty_ring
 from kvmcore.dirty_ring import DIRTY_GFN_DTYPE, Run, coalesce
+from kvmcore.testing import unbatched_vm
 from simple_arch import SimpleArch, SimpleArchBatch
 
 hyp = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -302,6 +303,38 @@ def test_ring_full_exit_refusal_reset_and_resume(arch):
     assert vcpu.write_many(rest, 7) == len(rest) and vcpu.exit_reason != FULL
     assert (mem[:500] == 7).all()
     assert vm.stats["dirty_ring_full_exits"] == 3
+
+
+@hyp
+@given(data=st.data())
+def test_batched_faults_fill_the_ring_as_one_fault_at_a_time_does(arch, data):
+    """With a ring the core hands runs of faults to an arch that pushes in order, never
+    more than the ring takes before its soft limit: completions, exits, ring entries,
+    memory, page tables and statistics are those of one fault at a time."""
+    if not kvmcore.create_vm(arch).info.batched_faults_with_ring:
+        pytest.skip(f"arch {arch} takes faults one at a time with a ring")
+    npages = 600
+    runs = []
+    for vm in (kvmcore.create_vm(arch), unbatched_vm(arch)):
+        vm.enable_cap(ring_cap(vm), 4096)            # 256 entries: soft-full exits happen
+        vm.set_user_memory_region(1, BASE_PAGE * vm.page_size, npages * vm.page_size, LOG)
+        runs.append((vm, vm.create_vcpu(0)))
+    for value in range(1, data.draw(st.integers(1, 5), label="rounds") + 1):
+        rng = np.random.default_rng(data.draw(st.integers(0, 2**32), label="seed"))
+        offsets = rng.integers(0, npages, data.draw(st.integers(0, 400), label="writes"))  # runs past the soft limit
+        reset = data.draw(st.booleans(), label="reset")
+        seen = []
+        for vm, vcpu in runs:
+            done = vcpu.write_many(page_gpas(vm, BASE_PAGE * vm.page_size, offsets), value)
+            seen.append((done, vcpu.exit_reason, offsets_of(vcpu.harvest_dirty_ring()),
+                         vm.reset_dirty_rings() if reset else None))
+        assert seen[0] == seen[1]
+    (a, _), (b, _) = runs
+    assert (a.memory(1) == b.memory(1)).all()
+    assert dict(a.stats) == dict(b.stats)
+    la, lb = a.pgtable.mapped_leaves(), b.pgtable.mapped_leaves()
+    for x, y in zip(la, lb):
+        assert (x[np.lexsort(la[:2])] == y[np.lexsort(lb[:2])]).all()
 
 
 def test_a_partial_reset_lets_the_vcpu_in_only_below_the_soft_limit():

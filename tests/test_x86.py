@@ -579,3 +579,20 @@ def test_batched_faults_give_the_same_tables_dirty_log_and_counts_as_one_by_one(
     assert all((x == y).all() for x, y in zip(b0, b1))
     assert all((x == y).all() for x, y in zip(l0, l1))
     assert (m0 == m1).all()
+
+
+def test_batched_first_writes_leave_their_host_pages_writable_as_single_faults_do():
+    """A write fault gets its host page writable (FOLL_WRITE): once logging is off and
+    the 4K SPTEs are zapped for huge pages, a read fault maps writable exactly the 2 MiB
+    host pages that were written, all-zero as they are, whether the writes faulted in
+    bulk or one by one."""
+    seen = []
+    for plugin in (X86(), FaultsBatchedOnly()):
+        vm = kvmcore.create_vm(plugin, huge_page_recovery="zap")
+        vm.set_user_memory_region(0, GIB, 4 * MIB2, LOG, host_page_size=MIB2)
+        vcpu = vm.create_vcpu(0)
+        vcpu.write_many(page_gpas(vm, GIB, range(0, 300, 3)), 0)     # the first 2 MiB only
+        vm.set_user_memory_region(0, GIB, 4 * MIB2, 0, host_page_size=MIB2)
+        vcpu.read(GIB, 4 * MIB2)
+        seen.append([(t.size, t.writable) for t in (vm.translate(GIB + i * MIB2) for i in range(4))])
+    assert seen[0] == seen[1] == [(MIB2, True)] + [(MIB2, False)] * 3

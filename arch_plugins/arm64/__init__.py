@@ -57,12 +57,13 @@ KVM_ARM_EAGER_SPLIT_CHUNK_SIZE_DEFAULT = 0
 @hookimpl
 def kvm_arch_info() -> ArchInfo:
     """The constants of ``arch/arm64/include/asm/kvm_host.h``; the ring only with
-    acquire/release ordering, and with the backup bitmap (``arch/arm64/kvm/Kconfig``)."""
+    acquire/release ordering, and with the backup bitmap (``arch/arm64/kvm/Kconfig``).
+    The batched fault path pushes ring entries in fault order."""
     return ArchInfo(name="arm64", description="ARMv8 stage 2: 4K/16K/64K granules, 32..52-bit IPA, eager split",
                     bits_per_long=64, user_mem_slots=KVM_USER_MEM_SLOTS,
                     manual_dirty_log_caps=KVM_DIRTY_LOG_MANUAL_CAPS,
                     dirty_ring_caps={KVM_CAP_DIRTY_LOG_RING_ACQ_REL, KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP},
-                    options={"granule": 4096, "ipa_bits": mmu.KVM_PHYS_SHIFT})
+                    options={"granule": 4096, "ipa_bits": mmu.KVM_PHYS_SHIFT}, batched_faults_with_ring=True)
 
 
 @hookimpl

@@ -16,9 +16,10 @@ The hook must leave everything exactly as calling the per-fault hook on ``gfns[0
 * A fault that would map a block (the slot does not log and the host backing allows
   one) is where the batch stops: the prefix before it is returned and the core does
   the rest one at a time.
-* In a VM with a dirty ring nothing is batched: a push may fill the ring softly and
-  make the vCPU exit between two faults, which only one fault at a time can show
-  (the core does not batch there either).
+* In a VM with a dirty ring the entries are pushed in the order of the gfns (a run's
+  pages in order, each cut point at its place), and the core hands over no more
+  faults than the ring takes before its soft limit, so the soft-full exit it may
+  cause can only follow the last of them.
 """
 
 from __future__ import annotations
@@ -91,8 +92,6 @@ def handle_faults_batch(kvm: Vm, slot: Memslot, gfns: np.ndarray, resolve_one: R
     """Resolve the page-sized prefix of ``gfns`` in order: runs vectorised by
     ``resolve_run``, the first fault under each block by ``resolve_one``.  Returns
     the length of the prefix (0: the core takes the first fault one at a time)."""
-    if kvm.dirty_ring_size:
-        return 0
     gfns = np.asarray(gfns, np.int64)
     n = page_sized_prefix(kvm, slot, gfns)
     if not n:

@@ -254,6 +254,13 @@ def kvm_tdp_page_faults_batch(kvm: Vm, vcpu: Vcpu, slot: Memslot, gfns: np.ndarr
         # before the next fault exits: one at a time keeps that order.
         ok &= ~fixable
     done = len(ok) if ok.all() else int(np.argmin(ok))
+    if kvm.dirty_ring_size and done:
+        # Fixes are marked together, installs one by one: with a ring, whose entries
+        # keep the order, a run is all fixes or all installs (spurious faults push none).
+        pushes = fixable[:done] | ~spurious[:done]
+        kinds = fixable[:done][pushes]
+        if len(kinds) and not (kinds == kinds[0]).all():
+            done = int(np.flatnonzero(pushes)[np.argmax(kinds != kinds[0])])
     fix = fixable[:done]
     if fix.any():
         pt.set_bits(gfns[:done][fix], PTE_W)
@@ -261,9 +268,29 @@ def kvm_tdp_page_faults_batch(kvm: Vm, vcpu: Vcpu, slot: Memslot, gfns: np.ndarr
             kvm.mark_pages_dirty_in_slot(slot, gfns[:done][fix], vcpu)
         kvm.stats["fast_page_faults"] += int(fix.sum())
     kvm.stats["spurious_page_faults"] += int(spurious[:done].sum())
-    for gfn in gfns[:done][~(fix | spurious[:done])].tolist():
-        kvm_tdp_page_fault(kvm, vcpu, slot, gfn, write)
+    slow = ~(fix | spurious[:done])
+    if write and not slot.readonly and slow.any() and not valid[:done][slow].any():
+        _install_written_pages(kvm, vcpu, slot, gfns[:done][slow])
+    else:
+        for gfn in gfns[:done][slow].tolist():
+            kvm_tdp_page_fault(kvm, vcpu, slot, gfn, write)
     return done
+
+
+def _install_written_pages(kvm: Vm, vcpu: Vcpu, slot: Memslot, gfns: np.ndarray) -> None:
+    """:func:`kvm_tdp_page_fault` for write faults on distinct gfns no SPTE maps, each
+    mapped at 4K (the slot logs, or its huge pages were ruled out): the host pages
+    become writable (``faultin_map_writable``), each SPTE is :func:`make_spte`'s
+    writable one, marked dirty in order, and the tables are allocated as one fault
+    after another would (``map_pages``)."""
+    flags = _host_flags(kvm, slot)
+    per = slot.host_page_size >> kvm.page_shift
+    ufn = slot.userspace_addr >> kvm.page_shift
+    flags[(ufn + gfns - slot.base_gfn) // per - ufn // per] = 1
+    if slot.dirty_track_enabled:
+        kvm.mark_pages_dirty_in_slot(slot, gfns, vcpu)
+    kvm.pgtable.map_pages(gfns, HOST_WRITABLE | PTE_W | MMU_WRITABLE | PTE_D,
+                          tlbi=lambda g, lv: flush_remote_tlbs_gfn(kvm, g, lv))
 
 
 def _install(kvm: Vm, gfn: int, goal: int, spte: int) -> None:

@@ -51,13 +51,14 @@ class X86:
     def kvm_arch_info(self) -> kvmcore.ArchInfo:
         """``arch/x86/include/asm/kvm_host.h``: 64-bit longs, two address spaces (SMM),
         32764 user slots, ``KVM_DIRTY_LOG_MANUAL_CAPS`` with INITIALLY_SET, and the
-        dirty ring in both its TSO and acquire/release forms (no ring-with-bitmap)."""
+        dirty ring in both its TSO and acquire/release forms (no ring-with-bitmap),
+        whose entries the batched fault path pushes in fault order."""
         return kvmcore.ArchInfo(
             name="x86", description="x86-64 with EPT: 4/5-level, 2M/1G pages, rmap write protect, PML",
             bits_per_long=64, nr_address_spaces=KVM_ADDRESS_SPACE_NUM, user_mem_slots=KVM_USER_MEM_SLOTS,
             manual_dirty_log_caps=kvmcore.KVM_DIRTY_LOG_MANUAL_CAPS, has_readonly_mem=True,
             dirty_ring_caps={kvmcore.KVM_CAP_DIRTY_LOG_RING, kvmcore.KVM_CAP_DIRTY_LOG_RING_ACQ_REL},
-            options=DEFAULTS)
+            options=DEFAULTS, batched_faults_with_ring=True)
 
     @hookimpl
     def kvm_arch_geometry(self, options: Mapping[str, Any]) -> kvmcore.Geometry:
