@@ -596,3 +596,18 @@ def test_batched_first_writes_leave_their_host_pages_writable_as_single_faults_d
         vcpu.read(GIB, 4 * MIB2)
         seen.append([(t.size, t.writable) for t in (vm.translate(GIB + i * MIB2) for i in range(4))])
     assert seen[0] == seen[1] == [(MIB2, True)] + [(MIB2, False)] * 3
+
+
+def test_the_kit_catches_a_ring_batch_that_pushes_out_of_order():
+    """A run mixing fast-path fixes (marked together) and installs (one by one) pushes
+    its ring entries out of fault order: only the ring check can see it."""
+    from kvmcore.testing import run_conformance
+
+    checks = ["ring-batched-faults", "batched-hook"]
+    bad = {r.check: r for r in run_conformance(X86Batched(bugs={"ring_mixed_batch"}), checks=checks,
+                                                 max_examples=20, seed=1).results}
+    assert bad["batched-hook"].status == "passed"           # without a ring the order cannot be seen
+    assert bad["ring-batched-faults"].status == "failed", bad["ring-batched-faults"].message
+    assert "replay(" in bad["ring-batched-faults"].reproducer
+    good = run_conformance("x86", checks=["ring-batched-faults"], max_examples=20, seed=1).results[0]
+    assert good.status == "passed", good.message

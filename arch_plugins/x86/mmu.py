@@ -254,7 +254,7 @@ def kvm_tdp_page_faults_batch(kvm: Vm, vcpu: Vcpu, slot: Memslot, gfns: np.ndarr
         # before the next fault exits: one at a time keeps that order.
         ok &= ~fixable
     done = len(ok) if ok.all() else int(np.argmin(ok))
-    if kvm.dirty_ring_size and done:
+    if kvm.dirty_ring_size and done and "ring_mixed_batch" not in state(kvm).bugs:
         # Fixes are marked together, installs one by one: with a ring, whose entries
         # keep the order, a run is all fixes or all installs (spurious faults push none).
         pushes = fixable[:done] | ~spurious[:done]

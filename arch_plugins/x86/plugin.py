@@ -34,7 +34,8 @@ from kvmcore import hookimpl
 from kvmcore.errors import KvmError
 from kvmcore.memslot import MemslotChange
 
-BUGS = frozenset({"no_flush", "fast_path_no_dirty", "fix_w_on_large_spte", "no_cross_two_large_pages"})
+BUGS = frozenset({"no_flush", "fast_path_no_dirty", "fix_w_on_large_spte", "no_cross_two_large_pages",
+                  "ring_mixed_batch"})
 
 
 class X86:

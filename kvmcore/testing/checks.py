@@ -44,6 +44,9 @@ CHECKS: tuple[Check, ...] = (
     Check("batched-hook", "the batched hooks (protect, faults) leave the same page tables, bitmaps, faults "
                           "and flushes as one call per word and per fault",
           "kvm_mmu_write_protect_pt_masked_batch, kvm_arch_handle_stage2_faults_batch docstrings"),
+    Check("ring-batched-faults", "with a dirty ring, the batched fault hook gives the same completions, exits, "
+                                 "ring entries, resets, tables and statistics as one fault at a time",
+          "ArchInfo.batched_faults_with_ring; kvm_dirty_ring_push, KVM_EXIT_DIRTY_RING_FULL"),
 )
 
 CHECK_NAMES = tuple(c.name for c in CHECKS)
