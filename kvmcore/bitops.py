@@ -12,19 +12,21 @@ def ffs_fls(masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _smear(m: np.ndarray) -> np.ndarray:
-    """Every bit at or below each uint64 word's highest set bit."""
+    """Every bit at or below each word's highest set bit (words of any unsigned dtype)."""
     smear = m.copy()
-    for shift in (1, 2, 4, 8, 16, 32):
-        smear |= smear >> np.uint64(shift)
+    shift = 1
+    while shift < m.dtype.itemsize * 8:
+        smear |= smear >> m.dtype.type(shift)
+        shift *= 2
     return smear
 
 
 def spans(masks: np.ndarray) -> np.ndarray:
     """Each word with every bit from its lowest to its highest set bit set: the
     ``[__ffs, __fls]`` range of a word as a mask of the same dtype (0 stays 0)."""
-    m = np.asarray(masks).astype(np.uint64)
-    low = m & (~m + np.uint64(1))
-    return (_smear(m) & ~(low - np.uint64(1))).astype(np.asarray(masks).dtype)
+    m = np.asarray(masks)
+    one = m.dtype.type(1)
+    return _smear(m) & ~((m & (~m + one)) - one)
 
 
 def bit_positions(masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -149,6 +149,11 @@ def test_ffs_fls_and_spans_match_the_scalar_definitions(words):
     for w, f, l1, span in zip(words, first.tolist(), last1.tolist(), filled.tolist()):
         assert (f, l1) == ((w & -w).bit_length() - 1, w.bit_length())
         assert span == sum(1 << b for b in range(f, l1))
+    narrow = [w & 0xFFFFFFFF for w in words]            # 32-bit arm words, in their own dtype
+    filled = spans(np.array(narrow, np.uint32))
+    assert filled.dtype == np.uint32
+    assert filled.tolist() == [sum(1 << b for b in range((w & -w).bit_length() - 1, w.bit_length())) if w else 0
+                               for w in narrow]
 
 
 @settings(max_examples=200, deadline=None)
