@@ -583,12 +583,12 @@ class PageTable:
         lo = self.geometry.start_level if min_level is None else min_level
         if lo <= LAST_LEVEL <= max_level and bits < 0x100 and self._nent[-1] % width == 0 and len(masks):
             pos, inside = self._last_level_positions(first_gfns)
-            inside &= first_gfns % width == 0
+            inside &= (first_gfns & (width - 1)) == 0
             pop = np.bitwise_count(masks)
             dense = pop.sum(dtype=np.int64) * 16 >= len(masks) * width
             runs = inside & (pop > 1) if dense else np.zeros(len(masks), bool)
             if runs.any():
-                changed += self._clear_last_level_words(pos[runs] // width, masks[runs], bits, width)
+                changed += self._clear_last_level_words(pos[runs] >> (width.bit_length() - 1), masks[runs], bits, width)
             few = inside & ~runs
             if few.any():
                 one = few & (pop == 1)     # the common sparse word: its bit is its trailing zeros
@@ -645,9 +645,10 @@ class PageTable:
     def _last_level_positions(self, gfns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Where each gfn's last-level entry is in the flat last-level storage, and
         whether a last-level table maps its span at all."""
-        nent = self._nent[-1]
-        rows = self._last_row[np.clip(gfns, 0, self.geometry.max_gfn - 1) // nent].astype(np.int64) - 1
-        return rows * nent + gfns % nent, (rows >= 0) & (gfns >= 0) & (gfns < self.geometry.max_gfn)
+        shift = self._nent[-1].bit_length() - 1      # tables hold a power of two of entries
+        inside = (gfns >= 0) & (gfns < self.geometry.max_gfn)
+        rows = self._last_row[np.where(inside, gfns, 0) >> shift].astype(np.int64) - 1
+        return (rows << shift) + (gfns & (self._nent[-1] - 1)), (rows >= 0) & inside
 
     def _clear_last_level(self, pos: np.ndarray, bits: int) -> int:
         """Clear ``bits`` on the last-level entries at flat positions ``pos`` (distinct):
