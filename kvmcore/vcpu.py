@@ -463,21 +463,16 @@ class _AccessRun:
             us = self.inv[batch]
             self._stale[us] = True
             self._push(batch[self._classes(us) != FAST])
-        bounds: dict[str, tuple[list, list]] = {"grant": ([], []), "tlb": ([], []), "pt": ([], [])}
-        for kind, lo, hi in events:
-            bounds[kind][0].append(np.atleast_1d(lo))
-            bounds[kind][1].append(np.atleast_1d(hi))
-        lo, hi = (np.concatenate(b) if b else np.zeros(0, np.int64) for b in bounds["grant"])
         # Granted pages may need KVM no more: look again before batching them.
-        self._stale[ranges.expand(*np.searchsorted(self.uniq, [lo, hi]))] = True
+        self._stale[ranges.expand(*np.searchsorted(self.uniq, _runs_of(events, "grant")))] = True
         restricted = []
-        lo, hi = (np.concatenate(b) if b else np.zeros(0, np.int64) for b in bounds["tlb"])
+        lo, hi = _runs_of(events, "tlb")
         if len(lo) and self.tlb_only:
             tlb_only = np.array(sorted(self.tlb_only), np.int64)
             gone = tlb_only[ranges.covered(self.uniq[tlb_only], lo, hi)]
             self.tlb_only.difference_update(gone.tolist())
             restricted.append(gone)
-        lo, hi = (np.concatenate(b) if b else np.zeros(0, np.int64) for b in bounds["pt"])
+        lo, hi = _runs_of(events, "pt")
         if len(lo):
             restricted.append(ranges.expand(*np.searchsorted(self.uniq, [lo, hi])))
         if restricted:
@@ -494,3 +489,11 @@ class _AccessRun:
         else:
             for j in accesses:
                 heapq.heappush(self._heap, j)
+
+
+def _runs_of(events: list[Event], kind: str) -> tuple[np.ndarray, np.ndarray]:
+    """The ``[start, end)`` runs of the events of one kind, as two arrays."""
+    picked = [(np.atleast_1d(lo), np.atleast_1d(hi)) for k, lo, hi in events if k == kind]
+    if not picked:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    return np.concatenate([lo for lo, _ in picked]), np.concatenate([hi for _, hi in picked])
