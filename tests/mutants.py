@@ -193,18 +193,24 @@ def mutate(module, name, drop=(), **overrides):
     return plugin
 
 
+def _protect_with(walker):
+    """A per-word protect hook that write-protects ``[__ffs, __fls]`` of each word with
+    ``walker``'s broken ``_wp_range``."""
+    from arch_plugins.arm_common import mask_range
+
+    def protect(kvm, slot, gfn_offset, mask):
+        walker._wp_range(kvm, *mask_range(slot.base_gfn + gfn_offset, mask))
+
+    return protect
+
+
 def arm64_skipped_2m_boundary():
     """arm64 whose re-arm walk steps ``addr += PMD_SIZE`` (the seed's v7 walk), with its
     batched hook left out so that the broken one runs."""
     import arch_plugins.arm64 as arm64
 
-    def protect(kvm, slot, gfn_offset, mask):
-        low = (mask & -mask).bit_length() - 1
-        SkippedPmdBoundary()._wp_range(kvm, slot.base_gfn + gfn_offset + low,
-                                     slot.base_gfn + gfn_offset + mask.bit_length())
-
     return mutate(arm64, "skipped-2m-boundary", drop=["kvm_mmu_write_protect_pt_masked_batch"],
-                  kvm_mmu_write_protect_pt_masked=protect)
+                  kvm_mmu_write_protect_pt_masked=_protect_with(SkippedPmdBoundary()))
 
 
 def x86_no_flush():
@@ -224,13 +230,8 @@ def arm_truncated_ipa():
     """32-bit arm whose re-arm walk computes ``gfn << PAGE_SHIFT`` in an unsigned long."""
     import arch_plugins.arm as arm
 
-    def protect(kvm, slot, gfn_offset, mask):
-        low = (mask & -mask).bit_length() - 1
-        Truncated32()._wp_range(kvm, slot.base_gfn + gfn_offset + low,
-                              slot.base_gfn + gfn_offset + mask.bit_length())
-
     return mutate(arm, "truncated-ipa", drop=["kvm_mmu_write_protect_pt_masked_batch"],
-                  kvm_mmu_write_protect_pt_masked=protect)
+                  kvm_mmu_write_protect_pt_masked=_protect_with(Truncated32()))
 
 
 REAL_MUTANTS = {"arm64-skipped-2m-boundary": arm64_skipped_2m_boundary, "x86-no-flush": x86_no_flush,
